@@ -1,0 +1,3 @@
+"""vhostfs: a virtio-fs device backend (vhost-user-fs) for QEMU."""
+
+__version__ = "0.1.0"

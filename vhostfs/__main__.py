@@ -1,0 +1,3 @@
+from vhostfs.cli import main
+
+main()
