@@ -24,3 +24,113 @@ def _raise_errno(what: str, *args) -> None:
     import os
 
     raise OSError(err, f"{what}: {os.strerror(err)}", *args)
+
+
+# --- Filesystem syscalls Python's os lacks (cffi_build/parts/10_syscalls.*) ---------------
+
+import os as _os
+from typing import NamedTuple as _NamedTuple
+
+STATX_BASIC_STATS = lib.VHS_STATX_BASIC_STATS
+STATX_MNT_ID = lib.VHS_STATX_MNT_ID
+RESOLVE_NO_XDEV = lib.VHS_RESOLVE_NO_XDEV
+RESOLVE_NO_MAGICLINKS = lib.VHS_RESOLVE_NO_MAGICLINKS
+RESOLVE_NO_SYMLINKS = lib.VHS_RESOLVE_NO_SYMLINKS
+RESOLVE_BENEATH = lib.VHS_RESOLVE_BENEATH
+RESOLVE_IN_ROOT = lib.VHS_RESOLVE_IN_ROOT
+RENAME_NOREPLACE = lib.VHS_RENAME_NOREPLACE
+RENAME_EXCHANGE = lib.VHS_RENAME_EXCHANGE
+RENAME_WHITEOUT = lib.VHS_RENAME_WHITEOUT
+UTIME_NOW = lib.VHS_UTIME_NOW
+UTIME_OMIT = lib.VHS_UTIME_OMIT
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+class Statx(_NamedTuple):
+    """The fields of ``struct statx`` the filesystem uses (dev/rdev already makedev'd)."""
+
+    mask: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    ino: int
+    size: int
+    blocks: int
+    blksize: int
+    atime: int
+    atime_nsec: int
+    mtime: int
+    mtime_nsec: int
+    ctime: int
+    ctime_nsec: int
+    dev: int
+    mnt_id: int
+
+
+def _fail(what: str) -> None:
+    err = ffi.errno
+    raise OSError(err, f"{what}: {_os.strerror(err)}")
+
+
+def _path(path: bytes | str | None):
+    if path is None:
+        return ffi.NULL
+    return _os.fsencode(path)
+
+
+def statx(dirfd: int, path: bytes | str, flags: int, mask: int = STATX_BASIC_STATS | STATX_MNT_ID) -> Statx:
+    """statx(2); ``statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`` stats an O_PATH fd."""
+    out = ffi.new("struct vhs_statx *")
+    if lib.vhs_statx(dirfd, _path(path), flags, mask, out) < 0:
+        _fail("statx")
+    return Statx(
+        out.mask, out.mode, out.nlink, out.uid, out.gid, out.rdev, out.ino, out.size, out.blocks,
+        out.blksize, out.atime_sec, out.atime_nsec, out.mtime_sec, out.mtime_nsec,
+        out.ctime_sec, out.ctime_nsec, out.dev, out.mnt_id,
+    )
+
+
+def openat2(dirfd: int, path: bytes | str, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """openat2(2) with ``struct open_how``; returns the new fd."""
+    fd = lib.vhs_openat2(dirfd, _path(path), flags, mode, resolve)
+    if fd < 0:
+        _fail("openat2")
+    return fd
+
+
+def renameat2(olddirfd: int, oldpath: bytes, newdirfd: int, newpath: bytes, flags: int = 0) -> None:
+    """renameat2(2): flags are RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT."""
+    if lib.vhs_renameat2(olddirfd, _path(oldpath), newdirfd, _path(newpath), flags) < 0:
+        _fail("renameat2")
+
+
+def utimensat(dirfd: int, path: bytes | str | None, atime: tuple[int, int], mtime: tuple[int, int],
+              flags: int = 0) -> None:
+    """utimensat(2); a nsec of UTIME_NOW / UTIME_OMIT means "now" / "leave unchanged"."""
+    if lib.vhs_utimensat(dirfd, _path(path), atime[0], atime[1], mtime[0], mtime[1], flags) < 0:
+        _fail("utimensat")
+
+
+def fchownat(dirfd: int, path: bytes | str, uid: int, gid: int, flags: int = 0) -> None:
+    """fchownat(2); uid/gid of 0xFFFFFFFF leave that id unchanged; allows AT_EMPTY_PATH."""
+    if lib.vhs_fchownat(dirfd, _path(path), uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, flags) < 0:
+        _fail("fchownat")
+
+
+def setfsuid(uid: int) -> int:
+    """Set the calling thread's fsuid; returns the previous one; EPERM if it did not take."""
+    prev = lib.vhs_setfsuid(uid)
+    if lib.vhs_setfsuid(0xFFFFFFFF) != uid:
+        raise OSError(1, f"setfsuid({uid}) refused")
+    return prev
+
+
+def setfsgid(gid: int) -> int:
+    """Set the calling thread's fsgid; returns the previous one; EPERM if it did not take."""
+    prev = lib.vhs_setfsgid(gid)
+    if lib.vhs_setfsgid(0xFFFFFFFF) != gid:
+        raise OSError(1, f"setfsgid({gid}) refused")
+    return prev
