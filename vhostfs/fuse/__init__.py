@@ -1,0 +1,1 @@
+"""FUSE session layer: wire ABI (abi), reply packing (replies), dispatch (server)."""
