@@ -3,6 +3,7 @@
 See ``docs/guest-runner.md``.  Public API: ``GuestRunner``, ``GuestSession``, ``Result``,
 ``Shutdown``, ``GuestError``.
 """
-from vhostfs.guestrun.runner import GuestError, GuestRunner, GuestSession, Result, Shutdown
+from vhostfs.guestrun.runner import (GuestError, GuestRunner, GuestSession, GuestTimeout, Result,
+                                     Shutdown)
 
-__all__ = ["GuestError", "GuestRunner", "GuestSession", "Result", "Shutdown"]
+__all__ = ["GuestError", "GuestTimeout", "GuestRunner", "GuestSession", "Result", "Shutdown"]

@@ -47,6 +47,10 @@ class GuestError(RuntimeError):
     """The guest could not be booted, did not answer in time, or broke the protocol."""
 
 
+class GuestTimeout(GuestError):
+    """The guest did not finish booting or the command did not finish in time."""
+
+
 @dataclasses.dataclass
 class Result:
     status: int                       # the command's exit status in the guest
@@ -137,6 +141,7 @@ class GuestRunner:
         try:
             sess.start(deadline=start + self.timeout)
             status, output = sess.collect(deadline=start + self.timeout)
+            sess.keep_rundir = status != 0   # keep the backend log of a failed command
             sess.close(deadline=time.monotonic() + 60)
         except BaseException:
             sess.kill()
@@ -161,6 +166,7 @@ class GuestSession:
         self._lines: "queue.Queue[str | None]" = queue.Queue()
         self._ready = False
         self._failed = False
+        self.keep_rundir = False
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> "GuestSession":
@@ -227,7 +233,7 @@ class GuestSession:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                self._fail("timed out waiting for the guest")
+                self._fail("timed out waiting for the guest", GuestTimeout)
             try:
                 line = self._lines.get(timeout=min(left, 1.0))
             except queue.Empty:
@@ -351,15 +357,15 @@ class GuestSession:
                 self.qemu.stdin.close()
             except OSError:
                 pass
-        if not (self.r.keep or self._failed) and self.rundir.exists():
+        if not (self.r.keep or self._failed or self.keep_rundir) and self.rundir.exists():
             shutil.rmtree(self.rundir, ignore_errors=True)
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, cls: type[GuestError] = GuestError) -> None:
         self._failed = True
         self.kill()
         tail = "\n".join("  | " + s for s in self.console[-30:])
         qlog = self.qemu_log.read_text(errors="replace").strip() if self.qemu_log.exists() else ""
-        raise GuestError(
+        raise cls(
             f"{why}\n  backend log: {self.backend_log}\n  qemu log: {self.qemu_log}"
             + (f"\n  qemu stderr: {qlog[-2000:]}" if qlog else "")
             + (f"\n  last console lines:\n{tail}" if tail else ""))
