@@ -167,6 +167,7 @@ class GuestSession:
         self._ready = False
         self._failed = False
         self.keep_rundir = False
+        self._killed = False
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> "GuestSession":
@@ -310,6 +311,11 @@ class GuestSession:
         """Clean shutdown: umount in the guest, power off, wait for QEMU and the backend."""
         if self.shutdown:
             return self.shutdown
+        if self._killed:   # kill_qemu()/kill() came first: nothing left to shut down cleanly
+            self.kill()
+            self.shutdown = Shutdown(None, self.qemu.returncode if self.qemu else None,
+                                     self.backend.returncode if self.backend else None)
+            return self.shutdown
         if self.mode == "session":
             if not self._ready:
                 self._expect("READY", deadline)
@@ -334,12 +340,14 @@ class GuestSession:
 
     def kill_qemu(self) -> None:
         """Kill QEMU abruptly (SIGKILL), as a crashed frontend would disappear."""
+        self._killed = True
         if self.qemu and self.qemu.poll() is None:
             _killpg(self.qemu, signal.SIGKILL)
             self.qemu.wait()
 
     def kill(self) -> None:
         """Stop everything started by this session, now. Idempotent."""
+        self._killed = True
         for proc, sig in ((self.qemu, signal.SIGKILL), (self.backend, signal.SIGTERM)):
             if proc and proc.poll() is None:
                 _killpg(proc, sig)
