@@ -96,3 +96,12 @@ def test_header_round_trip():
                                 " e8030000 64000000 2a000000 0000 0000".replace(" ", ""))
     assert abi.fuse_in_header.unpack(raw) == (56, 1, 7, 1, 1000, 100, 42, 0, 0)
     assert abi.fuse_out_header.pack(16, -2, 7) == struct.pack("<IiQ", 16, -2, 7)
+
+
+def test_fs_api_constants_match_abi():
+    from vhostfs.fs import api
+
+    for name in ("FATTR_MODE", "FATTR_UID", "FATTR_GID", "FATTR_SIZE", "FATTR_ATIME",
+                 "FATTR_MTIME", "FATTR_FH", "FATTR_ATIME_NOW", "FATTR_MTIME_NOW",
+                 "FOPEN_DIRECT_IO", "FOPEN_KEEP_CACHE", "FOPEN_CACHE_DIR"):
+        assert getattr(api, name) == getattr(abi, name), name

@@ -1,0 +1,1 @@
+"""Filesystems served over FUSE: the contract (api) and implementations (passthrough)."""

@@ -1,0 +1,266 @@
+"""The filesystem contract the FUSE server calls.
+
+One method per FUSE opcode, named after it, each raising ``OSError(ENOSYS)`` by default.
+Errors are ``OSError``; ``vhostfs.fuse.server`` turns them into ``-errno`` replies.  Each
+docstring states the method's effect on the kernel's lookup count of a nodeid: methods
+that return an ``Entry`` with a non-zero ``nodeid`` give the kernel one reference (+1),
+which it later gives back through ``forget``.
+
+Guest buffers reach a filesystem only through the ``ReadSink`` / ``WriteSource`` /
+``DirSink`` protocols below, never through ``vhostfs.virtqueue``.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+
+@dataclass(slots=True)
+class Context:
+    """Who is asking: the guest caller's ids and, for create-type ops, its umask."""
+
+    uid: int
+    gid: int
+    pid: int
+    umask: int = 0
+
+
+@dataclass(slots=True)
+class Attr:
+    """struct fuse_attr, in host terms (times as seconds + nanoseconds)."""
+
+    ino: int
+    size: int
+    blocks: int
+    atime: int
+    mtime: int
+    ctime: int
+    atimensec: int
+    mtimensec: int
+    ctimensec: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    blksize: int
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class Entry:
+    """A lookup result. ``nodeid`` 0 means "no inode" (a negative entry, or . and .. in
+    READDIRPLUS) and carries no lookup reference."""
+
+    nodeid: int
+    generation: int
+    attr: Attr
+    entry_timeout: float
+    attr_timeout: float
+
+
+# SetAttr.valid bits and open()/opendir() reply flags: the FUSE values (fuse.h), part of
+# this contract so that fs/ never imports fuse/ (tests check they equal fuse/abi.py's).
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """The fields of fuse_setattr_in; ``valid`` holds the FATTR_* bits that apply."""
+
+    valid: int
+    fh: int
+    size: int
+    atime: int
+    atimensec: int
+    mtime: int
+    mtimensec: int
+    mode: int
+    uid: int
+    gid: int
+
+
+@dataclass(slots=True)
+class StatFs:
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    bsize: int
+    namelen: int
+    frsize: int
+
+
+class ReadSink(Protocol):
+    """Where READ data goes: guest memory (a virtqueue Writer), filled by os.preadv."""
+
+    def read_from_fd(self, fd: int, count: int, offset: int) -> int: ...
+
+
+class WriteSource(Protocol):
+    """Where WRITE data comes from: guest memory (a virtqueue Reader), via os.pwritev."""
+
+    remaining: int
+
+    def write_to_fd(self, fd: int, count: int, offset: int) -> int: ...
+
+
+class DirSink(Protocol):
+    """A READDIR / READDIRPLUS reply being filled.
+
+    ``fits(name)`` says whether one more entry of that name still fits; the filesystem
+    asks before it does the lookup for READDIRPLUS, so a lookup is counted only for an
+    entry that is actually emitted.  ``add`` appends one entry; ``off`` is the offset
+    the kernel passes back to resume after it.
+    """
+
+    def fits(self, name: bytes) -> bool: ...
+
+    def add(self, name: bytes, ino: int, dtype: int, off: int, entry: Entry | None = None) -> None: ...
+
+
+def _enosys():
+    return OSError(errno.ENOSYS, "not implemented")
+
+
+class FileSystem:
+    """Base class: every operation fails with ENOSYS until a subclass implements it."""
+
+    # --- session ---------------------------------------------------------------------
+    def init(self, capable: int) -> int:
+        """INIT. ``capable``: the 64-bit FUSE_* flags the kernel offered. Returns extra
+        flags this filesystem wants (the server intersects them with ``capable``)."""
+        return 0
+
+    def destroy(self) -> None:
+        """DESTROY: drop every inode reference and handle the kernel held."""
+
+    # --- names and inodes ------------------------------------------------------------
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        """LOOKUP. Lookup count: +1 on the returned nodeid (if non-zero)."""
+        raise _enosys()
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """FORGET: lookup count -nlookup; at 0 the nodeid is released. No reply."""
+
+    def batch_forget(self, items: Iterable[tuple[int, int]]) -> None:
+        """BATCH_FORGET: ``forget`` for each (nodeid, nlookup). No reply."""
+        for nodeid, nlookup in items:
+            self.forget(nodeid, nlookup)
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
+        """GETATTR -> (attr, attr timeout). Lookup count unchanged."""
+        raise _enosys()
+
+    def setattr(self, ctx: Context, nodeid: int, attr: SetAttr) -> tuple[Attr, float]:
+        """SETATTR -> (new attr, attr timeout). Lookup count unchanged."""
+        raise _enosys()
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        """READLINK -> target. Lookup count unchanged."""
+        raise _enosys()
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        """SYMLINK, with the caller's ids. Lookup count: +1 on the new nodeid."""
+        raise _enosys()
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
+        """MKNOD, with the caller's ids, mode & ~ctx.umask. Lookup count: +1."""
+        raise _enosys()
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
+        """MKDIR, with the caller's ids, mode & ~ctx.umask. Lookup count: +1."""
+        raise _enosys()
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        """UNLINK. Lookup count unchanged (the kernel forgets the nodeid later)."""
+        raise _enosys()
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        """RMDIR. Lookup count unchanged."""
+        raise _enosys()
+
+    def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
+               flags: int) -> None:
+        """RENAME (flags 0) and RENAME2 (RENAME_NOREPLACE/EXCHANGE/WHITEOUT). Counts unchanged."""
+        raise _enosys()
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        """LINK. Lookup count: +1 on nodeid (returned in the entry)."""
+        raise _enosys()
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        """ACCESS: raise EACCES when the caller may not. Lookup count unchanged."""
+        raise _enosys()
+
+    def statfs(self, ctx: Context, nodeid: int) -> StatFs:
+        """STATFS. Lookup count unchanged."""
+        raise _enosys()
+
+    # --- files -----------------------------------------------------------------------
+    def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        """OPEN -> (fh, FOPEN_* flags). Lookup count unchanged."""
+        raise _enosys()
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int
+               ) -> tuple[Entry, int, int]:
+        """CREATE -> (entry, fh, FOPEN_* flags), with the caller's ids. Lookup count: +1."""
+        raise _enosys()
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int,
+             sink: ReadSink) -> int:
+        """READ: fill ``sink`` with up to ``size`` bytes; returns the count. Counts unchanged."""
+        raise _enosys()
+
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int,
+              source: WriteSource, write_flags: int) -> int:
+        """WRITE ``size`` bytes from ``source``; returns the count written. Counts unchanged."""
+        raise _enosys()
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        """FLUSH (each close() of a guest fd). Lookup count unchanged."""
+        raise _enosys()
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
+                lock_owner: int) -> None:
+        """RELEASE: fh is gone. Lookup count unchanged."""
+        raise _enosys()
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        """FSYNC (fdatasync when ``datasync``). Lookup count unchanged."""
+        raise _enosys()
+
+    # --- directories -----------------------------------------------------------------
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        """OPENDIR -> (fh, FOPEN_* flags). Lookup count unchanged."""
+        raise _enosys()
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, sink: DirSink) -> None:
+        """READDIR from ``offset`` into ``sink`` until it is full. Lookup count unchanged."""
+        raise _enosys()
+
+    def readdirplus(self, ctx: Context, nodeid: int, fh: int, offset: int, sink: DirSink) -> None:
+        """READDIRPLUS: like readdir with an Entry per name. Lookup count: +1 for every
+        emitted entry with a non-zero nodeid (never for . and .., which carry nodeid 0)."""
+        raise _enosys()
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        """RELEASEDIR: fh is gone. Lookup count unchanged."""
+        raise _enosys()
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        """FSYNCDIR. Lookup count unchanged."""
+        raise _enosys()

@@ -1,0 +1,95 @@
+"""Packing of FUSE replies (no I/O): fs values -> wire bytes."""
+from __future__ import annotations
+
+from vhostfs.fs.api import Attr, Entry, StatFs
+from vhostfs.fuse import abi
+
+_entry_out = abi.fuse_entry_out
+_attr_out = abi.fuse_attr_out
+_dirent = abi.fuse_dirent
+_direntplus = abi.fuse_direntplus
+
+_ZERO_ATTR = (0,) * 16
+
+
+def split_timeout(seconds: float) -> tuple[int, int]:
+    """A timeout in seconds -> (sec, nsec) for the wire; negative clamps to 0."""
+    if seconds <= 0:
+        return 0, 0
+    sec = int(seconds)
+    return sec, min(int((seconds - sec) * 1_000_000_000), 999_999_999)
+
+
+def attr_values(a: Attr) -> tuple:
+    return (a.ino, a.size, a.blocks, a.atime, a.mtime, a.ctime, a.atimensec, a.mtimensec,
+            a.ctimensec, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.blksize, a.flags)
+
+
+def entry_values(e: Entry) -> tuple:
+    es, ens = split_timeout(e.entry_timeout)
+    at, ans = split_timeout(e.attr_timeout)
+    return (e.nodeid, e.generation, es, at, ens, ans) + attr_values(e.attr)
+
+
+def entry_out(e: Entry) -> bytes:
+    return _entry_out.pack(*entry_values(e))
+
+
+def attr_out(a: Attr, timeout: float) -> bytes:
+    sec, nsec = split_timeout(timeout)
+    return _attr_out.pack(sec, nsec, 0, *attr_values(a))
+
+
+def open_out(fh: int, open_flags: int) -> bytes:
+    return abi.fuse_open_out.pack(fh, open_flags, 0)
+
+
+def write_out(size: int) -> bytes:
+    return abi.fuse_write_out.pack(size, 0)
+
+
+def statfs_out(s: StatFs) -> bytes:
+    return abi.fuse_kstatfs.pack(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize,
+                                 s.namelen, s.frsize, 0, 0, 0, 0, 0, 0, 0)
+
+
+def dirent_size(namelen: int, plus: bool) -> int:
+    """FUSE_DIRENT_SIZE / FUSE_DIRENTPLUS_SIZE: header + name, padded to 8 bytes."""
+    base = _direntplus.size if plus else _dirent.size
+    return (base + namelen + 7) & ~7
+
+
+def dirent(ino: int, off: int, dtype: int, name: bytes) -> bytes:
+    """One struct fuse_dirent with its name, zero-padded to a multiple of 8."""
+    rec = _dirent.pack(ino, off, len(name), dtype) + name
+    return rec + bytes(-len(rec) & 7)
+
+
+def direntplus(entry: Entry | None, ino: int, off: int, dtype: int, name: bytes) -> bytes:
+    """One struct fuse_direntplus; a missing entry packs as zeros (nodeid 0: no lookup)."""
+    head = entry_values(entry) if entry is not None else (0, 0, 0, 0, 0, 0) + _ZERO_ATTR
+    rec = _direntplus.pack(*head, ino, off, len(name), dtype) + name
+    return rec + bytes(-len(rec) & 7)
+
+
+class DirBuffer:
+    """A READDIR(PLUS) reply under construction; satisfies fs.api.DirSink."""
+
+    __slots__ = ("size", "plus", "data")
+
+    def __init__(self, size: int, plus: bool) -> None:
+        self.size = size
+        self.plus = plus
+        self.data = bytearray()
+
+    def fits(self, name: bytes) -> bool:
+        return len(self.data) + dirent_size(len(name), self.plus) <= self.size
+
+    def add(self, name: bytes, ino: int, dtype: int, off: int, entry: Entry | None = None) -> None:
+        if self.plus:
+            rec = direntplus(entry, ino, off, dtype, name)
+        else:
+            rec = dirent(ino, off, dtype, name)
+        if len(self.data) + len(rec) > self.size:
+            raise ValueError("dirent does not fit: call fits() first")
+        self.data += rec
