@@ -1,7 +1,9 @@
 """``vhostfs guest-run``: run a command in a throw-away QEMU guest on a virtio-fs share.
 
 Exit status: the command's own status; 124 if it timed out; 125 if the guest could not
-be booted or the share not mounted (the message names the backend and QEMU logs);
+be booted or the share not mounted, or if the command succeeded but the shutdown was not
+clean (umount failed in the guest, or the backend did not exit with status 0 after QEMU
+powered off); the message names the backend and QEMU logs;
 130 on Ctrl-C, 143 on SIGTERM.  Everything started is killed on every path.
 """
 from __future__ import annotations
@@ -95,6 +97,11 @@ def guest_run(share, tag, kernel, backend, log_level, memory, smp, queue_size, m
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    down = result.shutdown
+    if down is not None and (down.umount_status != 0 or down.backend_status != 0):
+        click.echo(f"vhostfs guest-run: unclean shutdown (umount status {down.umount_status}, "
+                   f"backend status {down.backend_status}); backend log: {result.backend_log}", err=True)
+        sys.exit(result.status or EXIT_GUEST_ERROR)
     if result.status != 0:
         click.echo(f"vhostfs guest-run: command exited with status {result.status}; "
                    f"backend log: {result.backend_log}", err=True)

@@ -57,6 +57,7 @@ class Result:
     output: str                       # its stdout+stderr (kernel noise filtered out)
     backend_log: pathlib.Path | None  # the backend's stdout+stderr log file
     duration: float                   # seconds, command only (session) or whole run (one-shot)
+    shutdown: "Shutdown | None" = None  # one-shot runs: how the guest and backend ended
 
 
 @dataclasses.dataclass
@@ -142,11 +143,14 @@ class GuestRunner:
             sess.start(deadline=start + self.timeout)
             status, output = sess.collect(deadline=start + self.timeout)
             sess.keep_rundir = status != 0   # keep the backend log of a failed command
-            sess.close(deadline=time.monotonic() + 60)
+            shutdown = sess.close(deadline=time.monotonic() + 60)
+            if shutdown.umount_status != 0 or shutdown.backend_status != 0:
+                sess.keep_rundir = True
+                sess._cleanup()
         except BaseException:
             sess.kill()
             raise
-        return Result(status, output, sess.backend_log, time.monotonic() - start)
+        return Result(status, output, sess.backend_log, time.monotonic() - start, sess.shutdown)
 
 
 class GuestSession:

@@ -1,0 +1,50 @@
+# vhostfs: developer and CI entry points.  `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+# Backend the guest tests and the demo use: vhostfs (default), virtiofsd (QEMU's C
+# reference daemon) or a command template with {socket} {shared_dir} placeholders.
+VHOSTFS_GUEST_BACKEND ?= vhostfs
+export VHOSTFS_GUEST_BACKEND
+
+HOSTSYS_SRC := cffi_build/build_hostsys.py $(wildcard cffi_build/parts/*)
+
+.PHONY: all venv deps test test-unit test-guest demo clean distclean
+all: test
+
+deps:
+	scripts/install-deps.sh
+
+venv: $(VENV)/.installed
+
+# pip's editable install builds vhostfs/_hostsys*.so through setup.py's cffi_modules;
+# if no .so at least as new as its sources shows up, build it in place explicitly.
+$(VENV)/.installed: pyproject.toml setup.py $(HOSTSYS_SRC)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	@so=$$(ls -t vhostfs/_hostsys*.so 2>/dev/null | head -1); \
+	if [ -z "$$so" ] || [ -n "$$(find $(HOSTSYS_SRC) -newer $$so)" ]; then \
+		echo "venv: editable install left no fresh vhostfs/_hostsys*.so; building it in place"; \
+		$(PY) cffi_build/build_hostsys.py; \
+	fi
+	$(PY) -c 'import vhostfs._hostsys'
+	touch $@
+
+test: deps venv
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -q tests -m 'not guest' $(PYTEST_ARGS)
+
+test-guest: deps venv
+	$(PY) -m pytest -q tests/guest $(PYTEST_ARGS)
+
+demo: deps venv
+	scripts/demo.sh $(PY)
+
+clean:
+	rm -rf build .pytest_cache .hypothesis *.egg-info vhostfs/_hostsys.c vhostfs/_hostsys.o
+
+distclean: clean
+	rm -rf $(VENV) vhostfs/_hostsys*.so
