@@ -1,0 +1,496 @@
+"""PassthroughFs: serve a host directory to the guest with real syscalls.
+
+Safety rules (the guest is untrusted):
+- every name is resolved by an ``*at()`` call relative to its parent's O_PATH fd, as a
+  single component, with O_NOFOLLOW; no host path is ever built from a guest name;
+- ``.`` and ``..`` are resolved here: ``..`` of the shared root is the root itself;
+- files are opened for I/O by re-opening the inode's own O_PATH fd through
+  ``/proc/self/fd/N`` (it names the inode, not a path): symlinks are never opened
+  (ELOOP) and device nodes, FIFOs and sockets are never opened on the host (EACCES;
+  the guest kernel serves those itself and never sends OPEN for them);
+- create-type operations run with the caller's fsuid/fsgid (per-thread syscalls), so
+  new files belong to the guest caller; the guest's umask is applied here (DONT_MASK).
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import stat
+
+from vhostfs import hostsys
+from vhostfs.fs import api
+from vhostfs.fs.api import Attr, Context, DirSink, Entry, FileSystem, ReadSink, SetAttr, StatFs, WriteSource
+from vhostfs.fs.passthrough.handles import DirHandle, FileHandle, HandleTable
+from vhostfs.fs.passthrough.inodes import ROOT_ID, Inode, InodeTable, stat_fd
+
+_O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+#: guest open flags passed to the host; O_CREAT/O_EXCL/O_NOFOLLOW/O_PATH/O_DIRECTORY/
+#: O_TMPFILE/O_NOCTTY and anything unknown are dropped.
+_PASS_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_DIRECT
+               | os.O_NOATIME | os.O_NONBLOCK | os.O_LARGEFILE)
+_STATX_NOFOLLOW = hostsys.AT_EMPTY_PATH | hostsys.AT_SYMLINK_NOFOLLOW
+_RENAME_FLAGS = hostsys.RENAME_NOREPLACE | hostsys.RENAME_EXCHANGE | hostsys.RENAME_WHITEOUT
+_U64 = (1 << 64) - 1
+_DOTS = (b".", b"..")
+
+# d_type values (<dirent.h>)
+DT_UNKNOWN, DT_FIFO, DT_CHR, DT_DIR, DT_BLK, DT_REG, DT_LNK, DT_SOCK = 0, 1, 2, 4, 6, 8, 10, 12
+
+FOPEN_DIRECT_IO = api.FOPEN_DIRECT_IO
+FOPEN_KEEP_CACHE = api.FOPEN_KEEP_CACHE
+FOPEN_CACHE_DIR = api.FOPEN_CACHE_DIR
+
+
+class CachePolicy(str, enum.Enum):
+    """never: no caching (timeouts 0, direct I/O); metadata: entries/attrs cached for
+    ``timeout``, data not kept across opens; auto: the default (timeouts, the kernel's
+    own invalidation); always: long timeouts and kept data/dir caches."""
+
+    NEVER = "never"
+    METADATA = "metadata"
+    AUTO = "auto"
+    ALWAYS = "always"
+
+
+def encode_rdev(dev: int) -> int:
+    """Host dev_t -> the kernel's new_encode_dev() u32 used in fuse_attr.rdev."""
+    major, minor = os.major(dev), os.minor(dev)
+    return ((minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
+
+
+def decode_rdev(dev: int) -> int:
+    """fuse_mknod_in.rdev (new_encode_dev) -> host dev_t."""
+    return os.makedev((dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00))
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def to_attr(st: hostsys.Statx) -> Attr:
+    return Attr(st.ino, st.size, st.blocks, st.atime & _U64, st.mtime & _U64, st.ctime & _U64,
+                st.atime_nsec, st.mtime_nsec, st.ctime_nsec, st.mode, st.nlink, st.uid, st.gid,
+                encode_rdev(st.rdev), st.blksize)
+
+
+def _dtype(entry: os.DirEntry) -> int:
+    try:
+        if entry.is_symlink():
+            return DT_LNK
+        if entry.is_dir(follow_symlinks=False):
+            return DT_DIR
+        if entry.is_file(follow_symlinks=False):
+            return DT_REG
+        return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode) >> 12
+    except OSError:
+        return DT_UNKNOWN
+
+
+class PassthroughFs(FileSystem):
+    """Serves ``shared_dir``; see the module docstring for the safety rules.
+
+    ``timeout`` is the entry/attr cache timeout in seconds (``cache="never"`` forces 0,
+    ``"always"`` raises it to a day).  ``switch_credentials`` (default: when running as
+    root) makes create-type ops run with the caller's fsuid/fsgid.
+    """
+
+    def __init__(self, shared_dir: str, *, readonly: bool = False, timeout: float = 1.0,
+                 cache: CachePolicy | str = CachePolicy.AUTO,
+                 switch_credentials: bool | None = None) -> None:
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        self.cache = CachePolicy(cache)
+        if self.cache is CachePolicy.NEVER:
+            timeout = 0.0
+        elif self.cache is CachePolicy.ALWAYS:
+            timeout = max(timeout, 86400.0)
+        self.timeout = timeout
+        self.readonly = readonly
+        if not os.path.isdir("/proc/self/fd"):
+            raise RuntimeError("/proc must be mounted: files are re-opened via /proc/self/fd")
+        root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.inodes = InodeTable(root_fd)
+        except BaseException:
+            os.close(root_fd)
+            raise
+        self.handles = HandleTable()
+        self._uid, self._gid = os.geteuid(), os.getegid()
+        self.switch_credentials = (self._uid == 0) if switch_credentials is None else switch_credentials
+        # The process umask also applies to host creations; bits it strips are put back
+        # (a daemon that runs with umask 0 never pays for that).
+        self._proc_umask = os.umask(0o022)
+        os.umask(self._proc_umask)
+        self._file_open_flags = {CachePolicy.NEVER: FOPEN_DIRECT_IO,
+                                 CachePolicy.ALWAYS: FOPEN_KEEP_CACHE}.get(self.cache, 0)
+        self._dir_open_flags = (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR
+                                if self.cache is CachePolicy.ALWAYS else 0)
+
+    # --- helpers -------------------------------------------------------------------------
+    def _entry(self, inode: Inode, st: hostsys.Statx) -> Entry:
+        return Entry(inode.nodeid, 0, to_attr(st), self.timeout, self.timeout)
+
+    def _dir(self, nodeid: int) -> Inode:
+        inode = self.inodes.get(nodeid)
+        if inode.ftype != stat.S_IFDIR:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return inode
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise OSError(errno.EROFS, "read-only share")
+
+    @staticmethod
+    def _plain_name(name: bytes) -> None:
+        if name in _DOTS or not name or b"/" in name or b"\0" in name:
+            raise OSError(errno.EINVAL, "invalid name")
+
+    @contextlib.contextmanager
+    def _as_caller(self, ctx: Context):
+        """Run the block with the caller's fsuid/fsgid on this thread only."""
+        if not self.switch_credentials or (ctx.uid == self._uid and ctx.gid == self._gid):
+            yield
+            return
+        hostsys.setfsgid(ctx.gid)
+        try:
+            hostsys.setfsuid(ctx.uid)
+        except BaseException:
+            hostsys.setfsgid(self._gid)
+            raise
+        try:
+            yield
+        finally:
+            hostsys.setfsuid(self._uid)
+            hostsys.setfsgid(self._gid)
+
+    def _lookup_in(self, parent: Inode, name: bytes) -> Entry:
+        """Resolve one component under ``parent`` and account one lookup (+1)."""
+        if name == b".." and parent is self.inodes.root:
+            name = b"."
+        elif b"/" in name or b"\0" in name or not name:
+            raise OSError(errno.EINVAL, "invalid name")
+        fd = os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = stat_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._entry(self.inodes.add_ref(fd, st), st)
+
+    def _new_entry(self, parent: Inode, name: bytes, wanted_mode: int | None) -> Entry:
+        """After a create-type op: look the new name up (+1); restore mode bits the
+        daemon's process umask stripped."""
+        entry = self._lookup_in(parent, name)
+        if wanted_mode is not None and wanted_mode & self._proc_umask:
+            inode = self.inodes.get(entry.nodeid)
+            if inode.ftype != stat.S_IFLNK:
+                os.chmod(inode.proc_path, wanted_mode)
+                entry.attr = to_attr(stat_fd(inode.fd))
+        return entry
+
+    # --- session -------------------------------------------------------------------------
+    def destroy(self) -> None:
+        self.handles.clear()
+        self.inodes.clear()
+
+    # --- names and inodes ----------------------------------------------------------------
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        return self._lookup_in(self._dir(parent), name)
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        self.inodes.forget(nodeid, nlookup)
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
+        inode = self.inodes.get(nodeid)
+        return to_attr(stat_fd(inode.fd)), self.timeout
+
+    def setattr(self, ctx: Context, nodeid: int, a: SetAttr) -> tuple[Attr, float]:
+        inode = self.inodes.get(nodeid)
+        v = a.valid
+        if v & (api.FATTR_MODE | api.FATTR_UID | api.FATTR_GID | api.FATTR_SIZE
+                | api.FATTR_ATIME | api.FATTR_MTIME):
+            self._writable()
+        hfd = self.handles.file(a.fh).fd if v & api.FATTR_FH else None
+        if v & api.FATTR_MODE:
+            if inode.ftype == stat.S_IFLNK:
+                raise OSError(errno.EOPNOTSUPP, "chmod of a symlink")
+            if hfd is not None:
+                os.fchmod(hfd, a.mode & 0o7777)
+            else:
+                os.chmod(inode.proc_path, a.mode & 0o7777)
+        if v & (api.FATTR_UID | api.FATTR_GID):
+            uid = a.uid if v & api.FATTR_UID else 0xFFFFFFFF
+            gid = a.gid if v & api.FATTR_GID else 0xFFFFFFFF
+            hostsys.fchownat(inode.fd, b"", uid, gid, _STATX_NOFOLLOW)
+        if v & api.FATTR_SIZE:
+            if inode.ftype == stat.S_IFDIR:
+                raise OSError(errno.EISDIR, "truncate of a directory")
+            if inode.ftype != stat.S_IFREG:
+                raise OSError(errno.EINVAL, "truncate of a special file")
+            if a.size > (1 << 63) - 1:
+                raise OSError(errno.EFBIG, "size out of range")
+            if hfd is not None:
+                os.ftruncate(hfd, a.size)
+            else:
+                os.truncate(inode.proc_path, a.size)
+        if v & (api.FATTR_ATIME | api.FATTR_MTIME | api.FATTR_ATIME_NOW | api.FATTR_MTIME_NOW):
+            times = []
+            for now, given, sec, nsec in ((api.FATTR_ATIME_NOW, api.FATTR_ATIME, a.atime, a.atimensec),
+                                          (api.FATTR_MTIME_NOW, api.FATTR_MTIME, a.mtime, a.mtimensec)):
+                if v & now:
+                    times.append((0, hostsys.UTIME_NOW))
+                elif v & given:
+                    times.append((_signed64(sec), nsec))
+                else:
+                    times.append((0, hostsys.UTIME_OMIT))
+            self._writable()
+            hostsys.utimensat(inode.fd, b"", times[0], times[1], _STATX_NOFOLLOW)
+        return to_attr(stat_fd(inode.fd)), self.timeout
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        inode = self.inodes.get(nodeid)
+        if inode.ftype != stat.S_IFLNK:
+            raise OSError(errno.EINVAL, "not a symlink")
+        return os.readlink(b"", dir_fd=inode.fd)
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        p = self._dir(parent)
+        self._writable()
+        self._plain_name(name)
+        if not target or b"\0" in target:
+            raise OSError(errno.EINVAL, "invalid symlink target")
+        with self._as_caller(ctx):
+            os.symlink(target, name, dir_fd=p.fd)
+        return self._new_entry(p, name, None)
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
+        p = self._dir(parent)
+        self._writable()
+        self._plain_name(name)
+        kind = stat.S_IFMT(mode)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            raise OSError(errno.EPERM, "device nodes are not created on the host")
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
+            raise OSError(errno.EINVAL, "bad file type")
+        perm = mode & 0o7777 & ~ctx.umask
+        with self._as_caller(ctx):
+            os.mknod(name, (kind or stat.S_IFREG) | perm, 0, dir_fd=p.fd)
+        return self._new_entry(p, name, perm)
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
+        p = self._dir(parent)
+        self._writable()
+        self._plain_name(name)
+        perm = mode & 0o7777 & ~ctx.umask
+        with self._as_caller(ctx):
+            os.mkdir(name, perm, dir_fd=p.fd)
+        return self._new_entry(p, name, perm)
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        p = self._dir(parent)
+        self._writable()
+        self._plain_name(name)
+        os.unlink(name, dir_fd=p.fd)
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        p = self._dir(parent)
+        self._writable()
+        self._plain_name(name)
+        os.rmdir(name, dir_fd=p.fd)
+
+    def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
+               flags: int) -> None:
+        p, np = self._dir(parent), self._dir(newparent)
+        self._writable()
+        self._plain_name(name)
+        self._plain_name(newname)
+        if flags & ~_RENAME_FLAGS:
+            raise OSError(errno.EINVAL, "unknown rename flags")
+        if flags:
+            hostsys.renameat2(p.fd, name, np.fd, newname, flags)
+        else:
+            os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        inode = self.inodes.get(nodeid)
+        np = self._dir(newparent)
+        self._writable()
+        self._plain_name(newname)
+        if inode.ftype == stat.S_IFDIR:
+            raise OSError(errno.EPERM, "hard link to a directory")
+        # linkat(AT_SYMLINK_FOLLOW) through the magic link links the inode itself
+        # (a symlink inode included); no path is resolved by name.
+        os.link(inode.proc_path, newname, dst_dir_fd=np.fd, follow_symlinks=True)
+        return self._lookup_in(np, newname)
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        inode = self.inodes.get(nodeid)
+        if mask & ~(os.R_OK | os.W_OK | os.X_OK):
+            raise OSError(errno.EINVAL, "bad access mask")
+        if mask & os.W_OK and self.readonly:
+            raise OSError(errno.EROFS, "read-only share")
+        if inode.ftype == stat.S_IFLNK or mask == os.F_OK:
+            return
+        with self._as_caller(ctx):
+            ok = os.access(inode.proc_path, mask, effective_ids=True)
+        if not ok:
+            raise OSError(errno.EACCES, "access denied")
+
+    def statfs(self, ctx: Context, nodeid: int) -> StatFs:
+        s = os.fstatvfs(self.inodes.get(nodeid).fd)
+        return StatFs(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize,
+                      s.f_namemax, s.f_frsize)
+
+    # --- files ---------------------------------------------------------------------------
+    def _open_flags(self, flags: int) -> int:
+        if flags & os.O_ACCMODE == os.O_ACCMODE:
+            raise OSError(errno.EINVAL, "bad access mode")
+        if self.readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
+            raise OSError(errno.EROFS, "read-only share")
+        return (flags & _PASS_FLAGS) | os.O_CLOEXEC
+
+    def _reopen(self, inode: Inode, flags: int) -> int:
+        if inode.ftype == stat.S_IFLNK:
+            raise OSError(errno.ELOOP, "symlinks are not opened")
+        if inode.ftype == stat.S_IFDIR:
+            raise OSError(errno.EISDIR, "is a directory")
+        if inode.ftype != stat.S_IFREG:
+            raise OSError(errno.EACCES, "special files are not opened on the host")
+        return os.open(inode.proc_path, self._open_flags(flags))
+
+    def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        inode = self.inodes.get(nodeid)
+        fd = self._reopen(inode, flags)
+        return self.handles.add(FileHandle(fd, inode, flags)), self._file_open_flags
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int
+               ) -> tuple[Entry, int, int]:
+        p = self._dir(parent)
+        self._writable()
+        self._plain_name(name)
+        host_flags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        perm = mode & 0o7777 & ~ctx.umask
+        try:
+            with self._as_caller(ctx):
+                fd = os.open(name, host_flags, perm, dir_fd=p.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # Existing name: open it like LOOKUP + OPEN (never opens symlinks/FIFOs).
+            entry = self._lookup_in(p, name)
+            try:
+                fh, open_flags = self.open(ctx, entry.nodeid, flags & ~os.O_CREAT)
+            except BaseException:
+                self.inodes.forget(entry.nodeid, 1)
+                raise
+            return entry, fh, open_flags
+        try:
+            if perm & self._proc_umask:
+                os.fchmod(fd, perm)
+            path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            try:
+                st = stat_fd(path_fd)
+            except BaseException:
+                os.close(path_fd)
+                raise
+            inode = self.inodes.add_ref(path_fd, st)
+        except BaseException:
+            os.close(fd)
+            raise
+        fh = self.handles.add(FileHandle(fd, inode, flags))
+        return self._entry(inode, st), fh, self._file_open_flags
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int,
+             sink: ReadSink) -> int:
+        return sink.read_from_fd(self.handles.file(fh).fd, size, offset)
+
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int,
+              source: WriteSource, write_flags: int) -> int:
+        h = self.handles.file(fh)
+        if h.flags & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "handle not open for writing")
+        return source.write_to_fd(h.fd, size, offset)
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        # close() of a duplicate gives the host the close-time semantics (e.g. NFS
+        # write-back, POSIX lock release) without closing our handle.
+        os.close(os.dup(self.handles.file(fh).fd))
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
+                lock_owner: int) -> None:
+        self.handles.remove(fh, FileHandle)  # fd closes when no request still uses it
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        fd = self.handles.file(fh).fd
+        (os.fdatasync if datasync else os.fsync)(fd)
+
+    # --- directories ---------------------------------------------------------------------
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        inode = self._dir(nodeid)
+        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self.handles.add(DirHandle(fd, inode)), self._dir_open_flags
+
+    def _snapshot(self, h: DirHandle) -> list[tuple[bytes, int, int]]:
+        inode = h.inode
+        self_ino = stat_fd(inode.fd).ino
+        if inode is self.inodes.root:
+            parent_ino = self_ino  # never reveal what lies above the shared root
+        else:
+            try:
+                parent_ino = os.stat(b"..", dir_fd=inode.fd, follow_symlinks=False).st_ino
+            except OSError:
+                parent_ino = self_ino
+        out = [(b".", self_ino, DT_DIR), (b"..", parent_ino, DT_DIR)]
+        os.lseek(h.fd, 0, os.SEEK_SET)
+        with os.scandir(h.fd) as it:
+            for e in it:
+                out.append((os.fsencode(e.name), e.inode(), _dtype(e)))
+        return out
+
+    def _entries(self, fh: int, offset: int) -> list[tuple[bytes, int, int]]:
+        h = self.handles.dir(fh)
+        with h.lock:
+            if offset == 0 or h.entries is None:
+                h.entries = self._snapshot(h)
+            return h.entries
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, sink: DirSink) -> None:
+        entries = self._entries(fh, offset)
+        for i in range(offset, len(entries)):
+            name, ino, dtype = entries[i]
+            if not sink.fits(name):
+                break
+            sink.add(name, ino, dtype, i + 1)
+
+    def readdirplus(self, ctx: Context, nodeid: int, fh: int, offset: int, sink: DirSink) -> None:
+        entries = self._entries(fh, offset)
+        parent = self.handles.dir(fh).inode
+        emitted = 0
+        for i in range(offset, len(entries)):
+            name, ino, dtype = entries[i]
+            if not sink.fits(name):
+                break
+            if name in _DOTS:  # nodeid 0: the kernel neither links nor counts it
+                attr = Attr(ino, 0, 0, 0, 0, 0, 0, 0, 0, dtype << 12, 0, 0, 0, 0, 0)
+                sink.add(name, ino, dtype, i + 1, Entry(0, 0, attr, 0.0, 0.0))
+                emitted += 1
+                continue
+            try:
+                entry = self._lookup_in(parent, name)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue  # removed since the snapshot
+                if emitted:
+                    break  # reply with what we have; the counts already given stand
+                raise
+            sink.add(name, entry.attr.ino, stat.S_IFMT(entry.attr.mode) >> 12, i + 1, entry)
+            emitted += 1
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        self.handles.remove(fh, DirHandle)
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        fd = self.handles.dir(fh).fd
+        (os.fdatasync if datasync else os.fsync)(fd)
