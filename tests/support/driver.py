@@ -56,10 +56,10 @@ UVA_BASE = 0x7F00_0000_0000
 MAIN_SIZE = 16 << 20
 STRIPE_BASE = 16 << 20
 STRIPE_REGION = 64 << 10
-STRIPE_COUNT = 8
+STRIPE_COUNT = 6          # main + 6 stripes + far = 8 regions, QEMU's vhost-user baseline
 FAR_BASE = 1 << 30
 FAR_SIZE = 1 << 20
-GAP_GPA = STRIPE_BASE + STRIPE_REGION * STRIPE_COUNT + 0x1000   # inside no region
+GAP_GPA = 512 << 20       # inside no region (stripes end well below, far starts at 1 GiB)
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -86,7 +86,10 @@ class FakeRegion:
 class FakeGuestMemory:
     """Guest RAM for tests; same lookup API and errors as ``vhostfs.memory.GuestMemory``."""
 
-    def __init__(self, layout: Iterable[tuple[int, int]]) -> None:
+    def __init__(self, layout: Iterable[tuple[int, int]], *, stripe_region: int = STRIPE_REGION,
+                 stripe_count: int = STRIPE_COUNT) -> None:
+        self.stripe_region = stripe_region
+        self.stripe_end = STRIPE_BASE + stripe_region * stripe_count
         self.regions = tuple(sorted((FakeRegion(gpa, size, UVA_BASE + gpa) for gpa, size in layout),
                                     key=lambda r: r.guest_phys_addr))
         self._starts = [r.guest_phys_addr for r in self.regions]
@@ -95,10 +98,14 @@ class FakeGuestMemory:
         self._stripe_ptr = STRIPE_BASE
 
     @classmethod
-    def default(cls) -> FakeGuestMemory:
+    def default(cls, *, stripe_region: int = STRIPE_REGION, stripe_count: int = STRIPE_COUNT
+                ) -> FakeGuestMemory:
+        """Main region, ``stripe_count`` adjacent stripes (``stripe_count - 1`` boundaries a
+        straddling buffer can cross, one buffer per boundary), the far region.  The default
+        is 8 regions, which a vhost-user frontend may always send."""
         layout = [(0, MAIN_SIZE), (FAR_BASE, FAR_SIZE)]
-        layout += [(STRIPE_BASE + i * STRIPE_REGION, STRIPE_REGION) for i in range(STRIPE_COUNT)]
-        return cls(layout)
+        layout += [(STRIPE_BASE + i * stripe_region, stripe_region) for i in range(stripe_count)]
+        return cls(layout, stripe_region=stripe_region, stripe_count=stripe_count)
 
     def table(self) -> list[tuple[int, int, int, int, int]]:
         """``[(gpa, size, uva, mmap_offset, fd)]`` with fresh fds the caller owns."""
@@ -172,15 +179,15 @@ class FakeGuestMemory:
         """Bump-allocate ``size`` bytes; ``straddle`` places them across a stripe boundary."""
         if straddle and size >= 2:
             half = size // 2
-            b = STRIPE_BASE + STRIPE_REGION
-            end = STRIPE_BASE + STRIPE_REGION * STRIPE_COUNT
+            b = STRIPE_BASE + self.stripe_region
+            end = self.stripe_end
             while b < end:
                 start = b - half      # unaligned on purpose: guest buffers need none
                 if start >= self._stripe_ptr and start < b < start + size <= end:
                     self._stripe_ptr = start + size
                     return start
-                b += STRIPE_REGION
-            raise MemoryError("stripe area exhausted")
+                b += self.stripe_region
+            raise MemoryError("no region boundary left to straddle (use more stripes)")
         base = region
         r = self._one(base, 1)
         ptr = (self._bump[base] + align - 1) & ~(align - 1)
@@ -305,6 +312,7 @@ class Driver:
         bufs = self._buffers(readable, writable, straddle, far)
         writable_bufs = [(gpa, n) for gpa, n, f in bufs if f & F_WRITE]
         if indirect:
+            direct_prefix = min(direct_prefix, len(bufs) - 1)   # the table gets at least one
             direct, rest = bufs[:direct_prefix], bufs[direct_prefix:]
             table = [Desc(gpa, n, f | (F_NEXT if i + 1 < len(rest) else 0), i + 1)
                      for i, (gpa, n, f) in enumerate(rest)]
@@ -476,8 +484,7 @@ def add_hostile(drv: Driver, kind: str, *, publish: bool = True) -> int:
         drv.write_desc(idx[0], GAP_GPA, 8, 0)
     elif kind == "straddles_gap":
         idx = drv.take_descriptors(1)
-        last_stripe_end = STRIPE_BASE + STRIPE_REGION * STRIPE_COUNT
-        drv.write_desc(idx[0], last_stripe_end - 8, 16, F_WRITE)
+        drv.write_desc(idx[0], mem.stripe_end - 8, 16, F_WRITE)
     elif kind == "address_wraps":
         idx = drv.take_descriptors(1)
         drv.write_desc(idx[0], (1 << 64) - 8, 16, 0)
