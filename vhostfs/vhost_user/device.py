@@ -260,7 +260,7 @@ class VhostUserDevice:
 
     def _swap_memory(self, memory: GuestMemory) -> None:
         self.memory = memory
-        log.debug("memory table changed", regions=[repr(r) for r in memory.regions])
+        log.debug("memory table changed", regions=len(memory))
         self.hooks.memory_changed(memory)
         for ring in self.rings:      # a ring kicked before the table arrived can start now
             if not ring.running and ring.configured():
