@@ -67,8 +67,8 @@ class FakeWriter:
         self.write(st.pack(*values))
 
     def write_at(self, pos: int, data) -> None:
-        if pos < 0 or pos + len(data) > len(self.buf):
-            raise ChainError("write_at beyond the writable buffers")
+        if pos < 0 or pos + len(data) > self.written:  # like virtqueue.iov.Writer
+            raise ValueError("write_at outside the bytes written")
         self.buf[pos:pos + len(data)] = data
 
     def read_from_fd(self, fd: int, count: int, offset: int) -> int:

@@ -188,3 +188,14 @@ def test_forget_does_not_close_fd_in_use(fs, share):
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_dotdot_of_directory_moved_outside_is_refused(c, share, tmp_path):
+    (share / "a" / "b").mkdir(parents=True)
+    a = c.lookup(1, b"a")[0]
+    b = c.lookup(a, b"b")[0]
+    assert c.lookup(b, b"..")[0] == a
+    # the host moves the directory out of the share while the guest holds its nodeid
+    os.rename(share / "a", tmp_path / "moved")
+    assert err(c.lookup, b, b"..") == errno.EACCES
+    assert err(c.lookup, a, b"..") == errno.EACCES

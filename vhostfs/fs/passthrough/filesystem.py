@@ -23,7 +23,7 @@ from vhostfs import hostsys
 from vhostfs.fs import api
 from vhostfs.fs.api import Attr, Context, DirSink, Entry, FileSystem, ReadSink, SetAttr, StatFs, WriteSource
 from vhostfs.fs.passthrough.handles import DirHandle, FileHandle, HandleTable
-from vhostfs.fs.passthrough.inodes import ROOT_ID, Inode, InodeTable, stat_fd
+from vhostfs.fs.passthrough.inodes import Inode, InodeTable, key_of, stat_fd
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: guest open flags passed to the host; O_CREAT/O_EXCL/O_NOFOLLOW/O_PATH/O_DIRECTORY/
@@ -174,10 +174,36 @@ class PassthroughFs(FileSystem):
         fd = os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd)
         try:
             st = stat_fd(fd)
+            if name == b".." and not self._inside_root(fd, st):
+                raise OSError(errno.EACCES, "'..' leads outside the shared directory")
         except BaseException:
             os.close(fd)
             raise
         return self._entry(self.inodes.add_ref(fd, st), st)
+
+    def _inside_root(self, fd: int, st: hostsys.Statx) -> bool:
+        """Whether the directory at ``fd`` lies inside the shared root: walk '..' up to
+        the root (True) or to the host's / (False).  Only '..' lookups pay for this (the
+        kernel resolves '..' itself unless EXPORT_SUPPORT; a host-side rename may have
+        moved a directory the guest holds out of the share)."""
+        root_key = self.inodes.root.key
+        cur, owned = fd, False
+        try:
+            for _ in range(4096):
+                if key_of(st) == root_key:
+                    return True
+                up = os.open(b"..", _O_PATH_FLAGS, dir_fd=cur)
+                up_st = stat_fd(up)
+                if key_of(up_st) == key_of(st):  # '..' of / is / itself
+                    os.close(up)
+                    return False
+                if owned:
+                    os.close(cur)
+                cur, owned, st = up, True, up_st
+            return False
+        finally:
+            if owned:
+                os.close(cur)
 
     def _new_entry(self, parent: Inode, name: bytes, wanted_mode: int | None) -> Entry:
         """After a create-type op: look the new name up (+1); restore mode bits the
