@@ -190,3 +190,25 @@ def test_every_ring_size_fills_and_wraps(mem, size):
         assert [d.head for d in done] == heads[::-1]
     assert q.last_avail_idx == (start + 2 * size) & 0xFFFF
     assert q.used_idx == (start + 2 * size) & 0xFFFF
+
+
+def test_event_idx_more_than_65535_completions_between_checks_notifies(mem):
+    drv = Driver(mem, 1, event_idx=True)
+    q = drv.device_queue()
+    drv.add_chain([b"a"])
+    head = q.pop().head
+    q.add_used(head, 0)
+    assert q.needs_notification()
+    drv.set_used_event(q.used_idx - 1)        # "already passed": only a full wrap reaches it
+    for _ in range(0x10000):
+        q.add_used(head, 0)                   # the device re-completes; the window wraps fully
+    assert q.needs_notification()
+
+
+def test_needs_notification_before_attach_is_queue_broken():
+    q = SplitQueue(0, 8, 0, 0, 0, event_idx=True)
+    for op in (q.needs_notification, q.enable_notification, q.disable_notification):
+        with pytest.raises(QueueBroken):
+            op()
+    with pytest.raises(QueueBroken):
+        q.add_used(0, 0)
