@@ -240,3 +240,18 @@ def test_chain_error_is_what_the_runtime_catches(drv):
         assert getattr(exc, "head", None) == head
     else:
         pytest.fail("no ChainError")
+
+
+@pytest.mark.parametrize("kind", HOSTILE_KINDS)
+def test_hostile_chains_against_the_real_guest_memory(mem, kind):
+    from vhostfs.memory import GuestMemory
+
+    drv = Driver(mem, size=16)
+    q = drv.device_queue(memory=GuestMemory.from_table(mem.table()))
+    head = add_hostile(drv, kind)
+    drv.add_chain([b"ok"], [4], indirect=True, straddle=True)
+    with pytest.raises(BadChain) as info:
+        q.pop()
+    assert info.value.head == head
+    chain = q.pop()
+    assert joined(chain.readable) == b"ok" and len(chain.writable) == 2

@@ -77,7 +77,7 @@ class DescriptorChain:
                 f"{len(self.readable)}, writable={self.writable_len}B/{len(self.writable)})")
 
 
-def _indirect_table(memory, addr: int, length: int, head: int):
+def _indirect_table(memory, addr: int, length: int):
     """The indirect table as one buffer: a live view, or one copy if it spans regions."""
     try:
         return memory.contiguous(addr, length)
@@ -122,7 +122,7 @@ def walk_chain(memory, table, size: int, head: int) -> DescriptorChain:
                 if length == 0 or length & 15 or length > _MAX_INDIRECT_BYTES:
                     raise BadChain(head, f"indirect table length {length} is not a non-zero "
                                          f"multiple of 16 of at most {_MAX_INDIRECT_BYTES}")
-                table = _indirect_table(memory, addr, length, head)
+                table = _indirect_table(memory, addr, length)
                 limit = length >> 4
                 in_indirect = True
                 count = 0
