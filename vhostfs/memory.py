@@ -55,7 +55,9 @@ class MemoryRegion:
             fd: int) -> MemoryRegion:
         """Map ``fd`` (shared, read/write) and return the region.
 
-        Does not close ``fd``; the caller owns it.  The file is mapped from offset 0 for
+        Does not close ``fd``; the caller owns it and may close it at once (Python's
+        ``mmap`` keeps a private dup of it until the mapping is freed, which happens
+        when the last snapshot or view using the region goes).  The file is mapped from offset 0 for
         ``mmap_offset + size`` bytes (mmap offsets must be page aligned, region offsets
         need not be) and the region's view starts at ``mmap_offset``.
         """
@@ -107,16 +109,16 @@ def _check_disjoint(regions: list[MemoryRegion], key, what: str) -> None:
 class GuestMemory:
     """An immutable snapshot of the guest's memory regions."""
 
-    __slots__ = ("regions", "_starts", "_by_uva", "_uva_starts")
+    __slots__ = ("regions", "_starts")
 
     def __init__(self, regions=()) -> None:
         ordered = sorted(regions, key=lambda r: r.guest_phys_addr)
+        # Guest addresses must be unambiguous.  User addresses may alias (two guest
+        # ranges backed by the same frontend memory); uva_to_gpa takes the first region
+        # that holds the whole range, as libvhost-user and rust-vmm do.
         _check_disjoint(ordered, lambda r: r.guest_phys_addr, "guest physical address")
-        _check_disjoint(ordered, lambda r: r.user_addr, "user address")
         self.regions: tuple[MemoryRegion, ...] = tuple(ordered)
         self._starts = [r.guest_phys_addr for r in self.regions]
-        self._by_uva = sorted(self.regions, key=lambda r: r.user_addr)
-        self._uva_starts = [r.user_addr for r in self._by_uva]
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -214,10 +216,10 @@ class GuestMemory:
         _check_range("user", uva, length)
         if length == 0:
             raise GuestMemoryError(f"zero-length access at uva 0x{uva:x}")
-        i = bisect.bisect_right(self._uva_starts, uva) - 1
-        if i >= 0:
-            region = self._by_uva[i]
-            if uva + length <= region.user_addr + region.size:
+        # Only ring setup calls this (not the data path): a scan is fine, and it is
+        # correct when user ranges alias.
+        for region in self.regions:
+            if region.user_addr <= uva and uva + length <= region.user_addr + region.size:
                 return region.guest_phys_addr + (uva - region.user_addr)
         raise GuestMemoryError(f"user range 0x{uva:x}+0x{length:x} does not lie inside one memory region")
 

@@ -125,7 +125,6 @@ def test_uva_to_gpa():
 
 @pytest.mark.parametrize("table", [
     [(0, 0x2000, 0x10000, 0), (0x1000, 0x1000, 0x20000, 0)],   # gpa overlap
-    [(0, 0x1000, 0x10000, 0), (0x1000, 0x1000, 0x10800, 0)],   # uva overlap
     [(0, 0, 0x10000, 0)],                                      # zero size
     [((1 << 64) - 0x1000, 0x2000, 0x10000, 0)],                # gpa wraps
     [(0, 0x1000, (1 << 64) - 0x10, 0)],                        # uva wraps
@@ -135,6 +134,15 @@ def test_bad_tables_are_rejected_and_fds_closed(table):
     with pytest.raises(GuestMemoryError):
         GuestMemory.from_table([row + (fd,) for row, fd in zip(table, fds)])
     assert not any(is_open(fd) for fd in fds)
+
+
+def test_aliased_user_addresses_are_allowed():
+    fd1, fd2 = memfd(0x2000, 0x11), memfd(0x2000, 0x22)
+    mem = GuestMemory.from_table([(0, 0x2000, 0x10000, 0, fd1), (0x100000, 0x2000, 0x11000, 0, fd2)])
+    assert mem.uva_to_gpa(0x10800, 0x100) == 0x800            # first region holding it
+    assert mem.uva_to_gpa(0x11800, 0x1000) == 0x100800        # only the second holds all of it
+    with pytest.raises(GuestMemoryError):
+        mem.uva_to_gpa(0x11800, 0x2000)
 
 
 def test_file_too_small_is_rejected_not_sigbus():

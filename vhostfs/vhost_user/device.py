@@ -480,4 +480,7 @@ class VhostUserDevice:
         for fd in (self.log_fd, self.backend_req_fd):
             _close(fd)
         self.log_fd = self.backend_req_fd = None
+        # Dropping the snapshot unmaps guest memory once no request holds a view of it
+        # (a Python mmap keeps a dup of its fd until then).
         self.log_mapping = None
+        self.memory = None

@@ -131,14 +131,18 @@ def serve_connection(sock, device) -> None:
             except ConnectionError as exc:
                 log.info("vhost-user connection reset", error=str(exc))
                 return
+            except OSError as exc:
+                log.error("vhost-user socket error; closing the connection", error=str(exc))
+                return
             if msg is None:
                 return
             reply = device.handle(msg)
             if reply is not None:
                 try:
                     conn.send(reply)
-                except ConnectionError as exc:
-                    log.info("vhost-user connection reset while replying", request=msg.name, error=str(exc))
+                except OSError as exc:
+                    log.error("vhost-user reply could not be sent; closing the connection",
+                              request=msg.name, error=str(exc))
                     return
     finally:
         device.shutdown()
