@@ -178,6 +178,13 @@ def test_listen_error_names_the_path(tmp_path):
         transport.listen(path)
 
 
+def test_listen_path_too_long_names_the_path(tmp_path):
+    path = str(tmp_path / ("x" * 200))
+    with pytest.raises(OSError, match="cannot listen on vhost-user socket .*xxxx: AF_UNIX path too long") as info:
+        transport.listen(path)
+    assert "None" not in str(info.value)
+
+
 def test_listener_from_fd(tmp_path):
     sock = transport.listen(str(tmp_path / "s"))
     adopted = transport.listener_from_fd(os.dup(sock.fileno()))

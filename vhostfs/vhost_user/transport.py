@@ -25,6 +25,13 @@ _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SPACE = socket.CMSG_SPACE(m.MAX_FDS * _FD_SIZE)
 
 
+def _path_error(what: str, path: str, exc: OSError) -> OSError:
+    reason = exc.strerror or str(exc)
+    if exc.errno is None:
+        return OSError(f"{what} {path}: {reason}")
+    return OSError(exc.errno, f"{what} {path}: {reason}")
+
+
 def listen(path: str) -> socket.socket:
     """A listening unix socket at ``path``; a stale socket file there is replaced.
 
@@ -37,14 +44,14 @@ def listen(path: str) -> socket.socket:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot replace stale socket {path}: {exc.strerror}") from None
+        raise _path_error("cannot replace stale socket", path, exc) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
         sock.listen(1)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on vhost-user socket {path}: {exc.strerror}") from None
+        raise _path_error("cannot listen on vhost-user socket", path, exc) from None
     return sock
 
 
@@ -57,7 +64,7 @@ def listener_from_fd(fd: int) -> socket.socket:
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or \
             not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.detach()
-        raise OSError(0, f"--fd {fd}: not a listening unix stream socket")
+        raise OSError(f"--fd {fd}: not a listening unix stream socket")
     return sock
 
 
