@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from vhostfs.errors import ChainError, GuestMemoryError, QueueBroken, VhostfsError
+from vhostfs.errors import ChainError, GuestMemoryError, QueueBroken, VhostfsError, VirtqueueError
 from vhostfs.log import get_logger
 from vhostfs.virtqueue.iov import Reader, Writer
 
@@ -150,7 +150,7 @@ class QueueRunner:
         with self.lock:
             try:
                 self.queue.attach(memory)
-            except GuestMemoryError as exc:
+            except (GuestMemoryError, VirtqueueError) as exc:
                 self.broken = True
                 log.error("ring no longer inside guest memory", queue=self.index, error=str(exc))
 
