@@ -199,7 +199,7 @@ def collect(drv, vring, n):
 def test_end_to_end_requests_through_rings(tmp_path):
     driver_mod = pytest.importorskip("tests.support.driver")
     pytest.importorskip("vhostfs.runtime.queue")
-    mem = driver_mod.FakeGuestMemory.default()      # 10 regions: ADD_MEM_REG is required
+    mem = driver_mod.FakeGuestMemory.default()      # several regions, sent with ADD_MEM_REG
     hooks = RunnerHooks()
     backend = Backend(tmp_path, hooks, tag=None, num_request_queues=1)
     fe = Frontend.connect(backend.path)

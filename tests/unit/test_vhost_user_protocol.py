@@ -149,3 +149,24 @@ def test_reply_header_check():
     assert p.decode_reply_header(bytes.fromhex("01000000" "05000000" "08000000")) == (1, 5, 8)
     with pytest.raises(FatalProtocolError):
         p.decode_reply_header(bytes.fromhex("01000000" "01000000" "08000000"))
+
+
+def test_set_mem_table_bytes_as_qemu_sends_them():
+    # One region: gpa 0, 2 GiB, uva 0x7f1234000000, mmap offset 0; header size 8 + 32.
+    raw = bytes.fromhex(
+        "05000000" "09000000" "28000000"            # SET_MEM_TABLE, version 1 | need_reply, 40
+        "01000000" "00000000"                      # nregions, padding
+        "0000000000000000" "0000008000000000"      # guest_phys_addr, memory_size
+        "0000003412" "7f0000" "0000000000000000")   # userspace_addr, mmap_offset
+    request, flags, size = p.decode_header(raw[:12])
+    assert (request, flags, size) == (R.SET_MEM_TABLE, 9, 40)
+    msg = Message(request, flags, raw[12:], [5])
+    assert p.decode_memory_table(msg) == [(0, 0x8000_0000, 0x7F12_3400_0000, 0)]
+    assert p.encode_memory_table([(0, 0x80000000, 0x7F12_3400_0000, 0)]) == raw[12:]
+
+
+def test_vring_state_and_log_bytes():
+    assert p.decode_vring_state(Message(R.SET_VRING_NUM, 1, bytes.fromhex("01000000" "00010000"))) == (1, 256)
+    assert p.decode_log(Message(R.SET_LOG_BASE, 1, bytes.fromhex("0010000000000000" "0000000000000000"))) == (
+        0x1000, 0)
+    assert p.decode_u64(Message(R.SET_VRING_KICK, 1, bytes.fromhex("0101000000000000"))) == 0x101
