@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 
@@ -398,3 +399,13 @@ def test_create_ops_use_caller_ids(c, share):
     os.mkdir(share / "rootonly", 0o755)
     r = c.lookup(1, b"rootonly")[0]
     assert err(c.create, r, b"x", uid=1000, gid=1001) == errno.EACCES
+
+
+def test_open_flags_filtered(c, fs, share):
+    (share / "f").write_bytes(b"abc")
+    n = c.lookup(1, b"f")[0]
+    fh = c.open(n, os.O_RDWR | os.O_DIRECT | os.O_NOFOLLOW | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+    fd = fs.handles.file(fh).fd
+    fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+    assert fl & os.O_APPEND and not fl & os.O_DIRECT and fl & os.O_ACCMODE == os.O_RDWR
+    assert err(c.open, n, os.O_ACCMODE) == errno.EINVAL

@@ -27,8 +27,10 @@ from vhostfs.fs.passthrough.inodes import Inode, InodeTable, key_of, stat_fd
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: guest open flags passed to the host; O_CREAT/O_EXCL/O_NOFOLLOW/O_PATH/O_DIRECTORY/
-#: O_TMPFILE/O_NOCTTY and anything unknown are dropped.
-_PASS_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_DIRECT
+#: O_TMPFILE/O_NOCTTY and anything unknown are dropped.  O_DIRECT is dropped too: guest
+#: buffers need not meet the host's alignment rules (the guest kernel still bypasses
+#: its own page cache for O_DIRECT files).
+_PASS_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
                | os.O_NOATIME | os.O_NONBLOCK | os.O_LARGEFILE)
 _STATX_NOFOLLOW = hostsys.AT_EMPTY_PATH | hostsys.AT_SYMLINK_NOFOLLOW
 _RENAME_FLAGS = hostsys.RENAME_NOREPLACE | hostsys.RENAME_EXCHANGE | hostsys.RENAME_WHITEOUT
