@@ -409,3 +409,10 @@ def test_open_flags_filtered(c, fs, share):
     fl = fcntl.fcntl(fd, fcntl.F_GETFL)
     assert fl & os.O_APPEND and not fl & os.O_DIRECT and fl & os.O_ACCMODE == os.O_RDWR
     assert err(c.open, n, os.O_ACCMODE) == errno.EINVAL
+
+
+def test_encode_rdev_matches_kernel_new_encode_dev():
+    from vhostfs.fs.passthrough.filesystem import encode_rdev
+
+    assert encode_rdev(os.makedev(1, 3)) == 0x103
+    assert encode_rdev(os.makedev(259, 0x12345)) == (0x45 | (259 << 8) | (0x12300 << 12)) & 0xFFFFFFFF

@@ -62,11 +62,6 @@ def encode_rdev(dev: int) -> int:
     return ((minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
 
 
-def decode_rdev(dev: int) -> int:
-    """fuse_mknod_in.rdev (new_encode_dev) -> host dev_t."""
-    return os.makedev((dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00))
-
-
 def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
