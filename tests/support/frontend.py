@@ -5,12 +5,16 @@ message sequence QEMU 7.2's vhost-user-fs device sends (hw/virtio/vhost-user.c,
 vhost.c, vhost-user-fs.c):
 
     init:   GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
-            GET_MAX_MEM_SLOTS, SET_BACKEND_REQ_FD, SET_OWNER, GET_FEATURES,
-            SET_VRING_CALL per queue
-    start:  SET_FEATURES, SET_MEM_TABLE (or ADD_MEM_REG per region with
+            GET_MAX_MEM_SLOTS, SET_BACKEND_REQ_FD (need_reply), SET_OWNER, GET_FEATURES,
+            SET_VRING_CALL + SET_VRING_ERR per queue
+    start:  SET_FEATURES, ADD_MEM_REG per region (need_reply; SET_MEM_TABLE without
             CONFIGURE_MEM_SLOTS), then per queue SET_VRING_NUM, SET_VRING_BASE,
-            SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, and SET_VRING_ENABLE 1
+            SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_ENABLE 1, and SET_VRING_CALL
+            (vuf_start unmasks the guest notifiers after the rings run)
     stop:   SET_VRING_ENABLE 0 and GET_VRING_BASE per queue
+
+(This is the sequence QEMU 7.2.22 sent to vhostfs in a booted guest, read from the
+daemon's debug log.)
 
 Guest RAM is anything with a ``table()`` method returning
 ``[(gpa, size, uva, mmap_offset, fd)]`` with fds the caller owns (the frontend closes
@@ -78,6 +82,7 @@ class FrontendVring:
     index: int
     kick_fd: int          # the frontend writes here to kick
     call_fd: int          # the backend signals here
+    err_fd: int           # the backend may signal a broken ring here
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
@@ -90,7 +95,7 @@ class FrontendVring:
         return bool(ready)
 
     def close(self) -> None:
-        for fd in (self.kick_fd, self.call_fd):
+        for fd in (self.kick_fd, self.call_fd, self.err_fd):
             try:
                 os.close(fd)
             except OSError:
@@ -224,8 +229,10 @@ class Frontend:
         for index in range(num_queues):
             call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self.vrings[index] = FrontendVring(index, kick_fd, call_fd)
+            err_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.vrings[index] = FrontendVring(index, kick_fd, call_fd, err_fd)
             self.set_vring_file(R.SET_VRING_CALL, index, call_fd)
+            self.set_vring_file(R.SET_VRING_ERR, index, err_fd)
 
     def set_memory(self, memory) -> None:
         """SET_FEATURES, then the memory table the way QEMU sends it."""
@@ -239,15 +246,16 @@ class Frontend:
 
     def start_vring(self, index: int, size: int, desc_uva: int, avail_uva: int, used_uva: int,
                     base: int = 0) -> FrontendVring:
-        """vhost_virtqueue_start for one ring, then SET_VRING_ENABLE 1."""
+        """vhost_virtqueue_start for one ring, SET_VRING_ENABLE 1, then the call fd
+        again (QEMU unmasks the guest notifier of a running ring)."""
         vring = self.vrings[index]
         self.request(R.SET_VRING_NUM, m.VRING_STATE.pack(index, size), ack=False)
         self.request(R.SET_VRING_BASE, m.VRING_STATE.pack(index, base), ack=False)
         self.request(R.SET_VRING_ADDR, p.encode_vring_addr(index, desc_uva, used_uva, avail_uva), ack=False)
         self.set_vring_file(R.SET_VRING_KICK, index, vring.kick_fd)
-        self.set_vring_file(R.SET_VRING_CALL, index, vring.call_fd)
         if self.features & (1 << m.VHOST_USER_F_PROTOCOL_FEATURES):
             self.request(R.SET_VRING_ENABLE, m.VRING_STATE.pack(index, 1), ack=False)
+        self.set_vring_file(R.SET_VRING_CALL, index, vring.call_fd)
         return vring
 
     def stop_vring(self, index: int) -> int:

@@ -144,6 +144,8 @@ class VhostUserDevice:
         ``msg`` not taken by a handler is closed before returning, on every path.
         """
         handler = self._table[msg.request] if msg.request < len(self._table) else None
+        log.debug("vhost-user request", request=msg.name, size=len(msg.payload), fds=len(msg.fds),
+                  need_reply=msg.need_reply)
         try:
             if handler is None:
                 raise MessageError(f"{msg.name}: request not supported by this device")
