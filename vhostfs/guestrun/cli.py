@@ -77,6 +77,8 @@ def guest_run(share, tag, kernel, backend, log_level, memory, smp, queue_size, m
     else:
         raise click.UsageError("give a command after --, or --script FILE")
     old = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # Also when started in the background by a shell that ignores SIGINT there.
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         runner = GuestRunner(share, tag=tag, kernel=kernel, backend=backend, memory=memory, smp=smp,
                              queue_size=queue_size, timeout=timeout, log_level=log_level, pvh=pvh,

@@ -52,7 +52,7 @@ mark() { echo "@@VHOSTFS-$1-$GR_NONCE${2:+ $2}@@"; }
 halt() { cd /; sync; poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; }
 fail() { mark FAIL "$*"; halt; }
 
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci fuse virtiofs; do
+for m in @MODULES@; do
     insmod /lib/modules/$m.ko || fail "insmod $m"
 done
 mkdir -p /mnt
@@ -92,7 +92,7 @@ sync
 umount /mnt
 mark UMOUNT $?
 halt
-"""
+""".replace("@MODULES@", " ".join(MODULES))
 
 
 def cache_dir() -> pathlib.Path:
