@@ -59,13 +59,21 @@ class Guest:
     def __init__(self, session, share: pathlib.Path) -> None:
         self.session, self.share = session, share
 
-    def run(self, script: str, timeout: float = 300) -> Result:
+    def run(self, script: str, timeout: float = 180) -> Result:
         return self.session.run(script, timeout=timeout)
 
-    def sh(self, script: str, timeout: float = 300) -> str:
+    def sh(self, script: str, timeout: float = 180) -> str:
         res = self.run("set -e\n" + script, timeout=timeout)
-        assert res.status == 0, f"guest script failed with {res.status}:\n{script}\n--- output:\n{res.output}"
+        assert res.status == 0, (f"guest script failed with {res.status}:\n{script}\n--- output:\n"
+                                 f"{res.output}--- guest dmesg (tail):\n{self.dmesg()}")
         return res.output
+
+    def dmesg(self, lines: int = 25) -> str:
+        """The guest kernel's last messages (the console only shows emergencies)."""
+        try:
+            return self.session.run(f"dmesg | tail -n {lines}", timeout=30).output
+        except Exception as exc:  # the guest may be gone: say so instead of hiding the failure
+            return f"(no dmesg: {exc.__class__.__name__})"
 
     def workdir(self, name: str) -> pathlib.Path:
         """A fresh directory on the share (host path); the guest sees it as /mnt/NAME."""

@@ -96,9 +96,17 @@ halt
 
 
 def cache_dir() -> pathlib.Path:
+    """``$XDG_CACHE_HOME/vhostfs`` or ``~/.cache/vhostfs``; a private temp dir if unwritable."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     path = pathlib.Path(base) / "vhostfs"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK | os.X_OK):
+            return path
+    except OSError:
+        pass
+    path = pathlib.Path(tempfile.gettempdir()) / f"vhostfs-cache-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
     return path
 
 
