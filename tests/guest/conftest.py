@@ -34,7 +34,7 @@ def _missing() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    guest_items = [i for i in items if "guest" in i.keywords]
+    guest_items = [i for i in items if i.get_closest_marker("guest")]
     if not guest_items:
         return
     why = _missing()
