@@ -47,7 +47,8 @@ def test_run_archive_quotes_the_configuration():
     assert b"echo 'hi'" in data and data.rstrip(b"\0").endswith(b"TRAILER!!!")
 
 
-def test_qemu_argv_comes_from_the_config_files():
+def test_qemu_argv_comes_from_the_config_files(monkeypatch):
+    monkeypatch.setattr(qemu, "qemu_binary", lambda: "/usr/bin/qemu-system-x86_64")
     argv = qemu.build_argv(kernel="/k", initrd="/i", append="console=ttyS0 quiet",
                            socket="/run/s.sock", tag="t0", memory="512M", smp=1, queue_size=256)
     assert argv[0].endswith("qemu-system-x86_64")
