@@ -29,6 +29,9 @@ class Config:
     cache: str = "auto"
     readonly: bool = False
     num_request_queues: int = 1
+    # Extra PassthroughFs keyword arguments (virtiofsd filesystem options that vhostfs
+    # implements: the CLI fills it only with parameters PassthroughFs really has).
+    fs_options: dict = dataclasses.field(default_factory=dict)
 
     def validate(self) -> "Config":
         if (self.socket_path is None) == (self.fd is None):

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import errno
 import threading
+from time import perf_counter_ns
 from typing import Callable
 
 from vhostfs.errors import FuseProtocolError, VhostfsError
 from vhostfs.fs.api import Context, FileSystem, SetAttr
 from vhostfs.fuse import abi, replies
+from vhostfs.fuse.ops import ExtendedOps
 from vhostfs.log import get_logger
 
 log = get_logger(__name__)
@@ -28,8 +30,8 @@ _OUT = _out_header.size
 NAME_MAX = 255
 PATH_MAX = 4096
 
-#: INIT flags we enable when the kernel offers them (locks and EXPORT_SUPPORT are not
-#: implemented, so not offered; WRITEBACK_CACHE etc. come from FileSystem.init()).
+#: INIT flags we enable when the kernel offers them (EXPORT_SUPPORT is not implemented,
+#: so not offered; locks, WRITEBACK_CACHE etc. come from FileSystem.init()).
 WANTED_FLAGS = (
     abi.FUSE_ASYNC_READ | abi.FUSE_ATOMIC_O_TRUNC | abi.FUSE_BIG_WRITES | abi.FUSE_DONT_MASK
     | abi.FUSE_AUTO_INVAL_DATA | abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO
@@ -37,7 +39,7 @@ WANTED_FLAGS = (
     | abi.FUSE_INIT_EXT
 )
 
-_NO_REPLY = frozenset((abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET))
+_NO_REPLY = frozenset((abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT))
 
 
 def _einval(what: str) -> OSError:
@@ -65,7 +67,7 @@ def _struct(body: bytes, st) -> tuple:
     return st.unpack_from(body)
 
 
-class FuseServer:
+class FuseServer(ExtendedOps):
     """Serves one FUSE session (one virtio-fs device) on top of a ``FileSystem``.
 
     ``handle`` is thread-safe as far as the server goes (INIT/DESTROY state is under a
@@ -87,6 +89,9 @@ class FuseServer:
         self.proto_minor = 0
         self.flags = 0          # negotiated FUSE_* flags (64-bit)
         self._lock = threading.Lock()
+        # Called after every request as observer(opcode, unique, nodeid, errno, elapsed_ns)
+        # (errno 0 = success); the daemon plugs vhostfs.metrics in here.
+        self.observer: Callable[[int, int, int, int, int], None] | None = None
         # Largest non-WRITE body: two names (RENAME) or a name and a symlink target.
         self._max_body = 256 + NAME_MAX + PATH_MAX + 2
         table: list[Callable | None] = [None] * (abi.MAX_OPCODE + 1)
@@ -105,11 +110,15 @@ class FuseServer:
             (O.READDIRPLUS, self._readdirplus), (O.RENAME2, self._rename2),
         ):
             table[op] = fn
+        self._register_extended(table)
         self._table = table
 
     # --- entry point ---------------------------------------------------------------------
-    def handle(self, reader, writer) -> int:
+    def handle(self, reader, writer, cancel=None) -> int:
         """Serve one request; returns the bytes written to ``writer`` (0: no reply).
+
+        ``cancel``: the request's ``fs.api.Cancel`` token (a request that waits, SETLKW,
+        fails with EINTR once it is set); None: the request cannot be cancelled.
 
         Raises ``FuseProtocolError`` when not even a FUSE header can be read or no reply
         header fits in the writable buffer; ``vhostfs.errors`` from the Reader/Writer
@@ -119,56 +128,65 @@ class FuseServer:
         if avail < _HDR:
             raise FuseProtocolError(f"request of {avail} bytes is shorter than fuse_in_header")
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _pad = reader.unpack(_in_header)
-        no_reply = opcode in _NO_REPLY
-        if not no_reply and writer.capacity < _OUT:
-            raise FuseProtocolError(f"opcode {opcode}: reply buffer of {writer.capacity} bytes")
+        t0 = perf_counter_ns()
+        err = errno.EIO   # for the metrics: 0 once the handler returned, its errno if it raised
         try:
-            if length != avail:
-                raise _einval(f"header len {length} != {avail} bytes available")
-            if extlen:
-                raise _einval("request extensions were not negotiated")
-            if not self.initialized:
-                if opcode != abi.Opcode.INIT:
-                    raise OSError(errno.EIO, "request before INIT")
-            elif opcode == abi.Opcode.INIT:
-                raise OSError(errno.EPROTO, "second INIT")
-            handler = self._table[opcode] if opcode <= abi.MAX_OPCODE else None
-            if handler is None:
-                raise OSError(errno.ENOSYS, "opcode not implemented")
-            if opcode == abi.Opcode.WRITE:
-                body = reader.read(min(length - _HDR, abi.fuse_write_in.size))
-            else:
-                if length - _HDR > self._max_body:
-                    raise _einval("request body too large")
-                body = reader.read(length - _HDR)
-            result = handler(Context(uid, gid, pid), nodeid, body, reader, writer)
-        except OSError as e:
-            if no_reply:
+            no_reply = opcode in _NO_REPLY
+            if not no_reply and writer.capacity < _OUT:
+                raise FuseProtocolError(f"opcode {opcode}: reply buffer of {writer.capacity} bytes")
+            try:
+                if length != avail:
+                    raise _einval(f"header len {length} != {avail} bytes available")
+                if extlen:
+                    raise _einval("request extensions were not negotiated")
+                if not self.initialized:
+                    if opcode != abi.Opcode.INIT:
+                        raise OSError(errno.EIO, "request before INIT")
+                elif opcode == abi.Opcode.INIT:
+                    raise OSError(errno.EPROTO, "second INIT")
+                handler = self._table[opcode] if opcode <= abi.MAX_OPCODE else None
+                if handler is None:
+                    raise OSError(errno.ENOSYS, "opcode not implemented")
+                if opcode == abi.Opcode.WRITE:
+                    body = reader.read(min(length - _HDR, abi.fuse_write_in.size))
+                else:
+                    if length - _HDR > self._max_body:
+                        raise _einval("request body too large")
+                    body = reader.read(length - _HDR)
+                result = handler(Context(uid, gid, pid, cancel=cancel), nodeid, body, reader, writer)
+                err = 0
+            except OSError as e:
+                err = e.errno if isinstance(e.errno, int) and 0 < e.errno < 4096 else errno.EIO
+                if no_reply:
+                    return 0
+                return self._reply_error(writer, unique, err)
+            except VhostfsError:
+                raise
+            except Exception:
+                log.exception("fuse request failed", opcode=opcode, unique=unique, nodeid=nodeid)
+                if no_reply:
+                    return 0
+                return self._reply_error(writer, unique, errno.EIO)
+            if result is None:
                 return 0
-            err = e.errno if isinstance(e.errno, int) and 0 < e.errno < 4096 else errno.EIO
-            return self._reply_error(writer, unique, err)
-        except VhostfsError:
-            raise
-        except Exception:
-            log.exception("fuse request failed", opcode=opcode, unique=unique, nodeid=nodeid)
-            if no_reply:
-                return 0
-            return self._reply_error(writer, unique, errno.EIO)
-        if result is None:
-            return 0
-        if isinstance(result, int):  # payload already in writer after a reserved header
-            total = _OUT + result
-            writer.write_at(0, _out_header.pack(total, 0, unique))
+            if isinstance(result, int):  # payload already in writer after a reserved header
+                total = _OUT + result
+                writer.write_at(0, _out_header.pack(total, 0, unique))
+                return total
+            total = _OUT + len(result)
+            if total > writer.capacity:
+                log.warning("reply does not fit the guest buffer", opcode=opcode, size=total,
+                            capacity=writer.capacity)
+                err = errno.EIO
+                return self._reply_error(writer, unique, errno.EIO)
+            writer.write(_out_header.pack(total, 0, unique))
+            if result:
+                writer.write(result)
             return total
-        total = _OUT + len(result)
-        if total > writer.capacity:
-            log.warning("reply does not fit the guest buffer", opcode=opcode, size=total,
-                        capacity=writer.capacity)
-            return self._reply_error(writer, unique, errno.EIO)
-        writer.write(_out_header.pack(total, 0, unique))
-        if result:
-            writer.write(result)
-        return total
+        finally:
+            # Metrics and per-request tracing (vhostfs/metrics.py); errno 0 = success.
+            if self.observer is not None:
+                self.observer(opcode, unique, nodeid, err, perf_counter_ns() - t0)
 
     @staticmethod
     def _reply_error(writer, unique: int, err: int) -> int:

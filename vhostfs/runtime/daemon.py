@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import threading
+from typing import Callable
 
 from vhostfs.config import Config
 from vhostfs.errors import ProtocolError
@@ -30,8 +31,12 @@ class Terminate(Exception):
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.fs = PassthroughFs(config.shared_dir, readonly=config.readonly, cache=config.cache)
+        self.fs = PassthroughFs(config.shared_dir, readonly=config.readonly, cache=config.cache,
+                                **config.fs_options)
         self.server = FuseServer(self.fs)
+        # Called once the vhost-user socket listens (the CLI sends sd_notify READY=1 and
+        # applies --socket-group there).
+        self.on_listening: Callable[[socket.socket], None] | None = None
         self.runners: dict[int, QueueRunner] = {}
         self.lock = threading.Lock()
 
@@ -95,6 +100,8 @@ class Daemon:
         signal.signal(signal.SIGTERM, terminate)
         signal.signal(signal.SIGINT, terminate)
         listener = self._listener()
+        if self.on_listening is not None:
+            self.on_listening(listener)
         where = self.config.socket_path or f"fd {self.config.fd}"
         log.info("waiting for vhost-user frontend", socket=where, shared_dir=self.config.shared_dir)
         try:
