@@ -85,6 +85,16 @@ def fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def cell_text(text: str, limit: int = 160) -> str:
+    """One Markdown table cell: one line, no pipes, at most ``limit`` characters."""
+    one = " ".join(str(text).split()).replace("|", "\\|")
+    return one if len(one) <= limit else one[:limit - 1] + "…"
+
+
+def _status(r: dict) -> str:
+    return cell_text(r["status"] + (f": {r['detail']}" if r.get("detail") else ""))
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -108,7 +118,7 @@ def markdown(doc: dict) -> str:
         f"**{b['name']}** {b.get('version', '')} (request queues: {b.get('request_queues', '?')}"
         + (f"; {', '.join(b['notes'])}" if b.get("notes") else "") + ")" for b in doc["backends"])]
     for name, why in doc.get("skipped", {}).items():
-        lines.append(f"- not run: **{name}**: {why}")
+        lines.append(f"- not run: **{name}**: {cell_text(why, 300)}")
     lines.append("")
     header = ["workload", "q", "depth", "backend", "ops/s", "MiB/s", "p50 µs", "p99 µs",
               "CPU µs/op", "backend CPU %", "loadgen CPU %", "peak RSS MiB", "status"]
@@ -121,8 +131,7 @@ def markdown(doc: dict) -> str:
                      fmt(r["ops_per_s"]) if ok else "-", fmt(r["mib_per_s"], 1) if ok else "-",
                      fmt(r["p50_us"], 1), fmt(r["p99_us"], 1), fmt(r["cpu_us_per_op"], 1),
                      fmt(r["backend_cpu_pct"]) if ok else "-", fmt(r["loadgen_cpu_pct"]) if ok else "-",
-                     fmt(r["peak_rss_mib"], 1),
-                     r["status"] + (f": {r['detail']}" if r.get("detail") else "")])
+                     fmt(r["peak_rss_mib"], 1), _status(r)])
     lines += ["## Per backend and cell", ""] + _table(header, rows) + [""]
     rat = doc.get("ratios") or []
     if rat:
@@ -146,7 +155,7 @@ def markdown(doc: dict) -> str:
         rows = [[x["backend"], fmt(x.get("inodes_wanted")), fmt(x.get("inodes_looked_up")),
                  fmt(x.get("rss_after_init_mib"), 1), fmt(x.get("rss_mib"), 1), fmt(x.get("peak_rss_mib"), 1),
                  fmt(x.get("open_fds")), " / ".join(x.get("nofile_limit", [])) or "-",
-                 x["status"] + (f": {x['detail']}" if x.get("detail") else "")] for x in rss]
+                 _status(x)] for x in rss]
         lines += _table(["backend", "wanted", "looked up", "RSS after INIT MiB", "RSS MiB",
                          "peak RSS MiB", "open fds", "nofile soft / hard", "status"], rows) + [""]
     for note in doc.get("notes", []):
