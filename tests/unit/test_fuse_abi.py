@@ -26,6 +26,11 @@ SIZES = {
     "fuse_read_in": 40, "fuse_write_in": 40, "fuse_write_out": 8, "fuse_kstatfs": 80,
     "fuse_statfs_out": 80, "fuse_fsync_in": 16, "fuse_access_in": 8, "fuse_init_in": 64,
     "fuse_init_out": 64, "fuse_dirent": 24, "fuse_direntplus": 152, "fuse_interrupt_in": 8,
+    "fuse_file_lock": 24, "fuse_lk_in": 48, "fuse_lk_out": 24, "fuse_setxattr_in": 16,
+    "fuse_getxattr_in": 8, "fuse_getxattr_out": 8, "fuse_fallocate_in": 32, "fuse_lseek_in": 24,
+    "fuse_lseek_out": 8, "fuse_copy_file_range_in": 56, "fuse_syncfs_in": 8, "fuse_ioctl_in": 32,
+    "fuse_ioctl_out": 16, "fuse_poll_in": 24, "fuse_poll_out": 8, "fuse_bmap_in": 16,
+    "fuse_bmap_out": 8,
 }
 
 CONSTANTS = [
@@ -39,7 +44,12 @@ CONSTANTS = [
     "FATTR_FH", "FATTR_ATIME_NOW", "FATTR_MTIME_NOW", "FATTR_LOCKOWNER", "FATTR_CTIME",
     "FATTR_KILL_SUIDGID", "FOPEN_DIRECT_IO", "FOPEN_KEEP_CACHE", "FOPEN_CACHE_DIR",
     "FUSE_GETATTR_FH", "FUSE_FSYNC_FDATASYNC", "FUSE_COMPAT_INIT_OUT_SIZE",
-    "FUSE_COMPAT_22_INIT_OUT_SIZE",
+    "FUSE_COMPAT_22_INIT_OUT_SIZE", "FUSE_LK_FLOCK", "FUSE_SETXATTR_ACL_KILL_SGID",
+    "FUSE_IOCTL_COMPAT", "FUSE_IOCTL_UNRESTRICTED", "FUSE_IOCTL_RETRY", "FUSE_IOCTL_32BIT",
+    "FUSE_IOCTL_DIR", "FUSE_POLL_SCHEDULE_NOTIFY", "FUSE_ATTR_SUBMOUNT", "FUSE_ATTR_DAX",
+    "FUSE_COMPAT_SETXATTR_IN_SIZE", "FUSE_RELEASE_FLOCK_UNLOCK", "FUSE_HANDLE_KILLPRIV_V2",
+    "FUSE_SUBMOUNTS", "FUSE_SETXATTR_EXT", "FUSE_POSIX_ACL", "FUSE_WRITE_KILL_SUIDGID",
+    "FUSE_OPEN_KILL_SUIDGID",
 ]
 
 
@@ -103,5 +113,13 @@ def test_fs_api_constants_match_abi():
 
     for name in ("FATTR_MODE", "FATTR_UID", "FATTR_GID", "FATTR_SIZE", "FATTR_ATIME",
                  "FATTR_MTIME", "FATTR_FH", "FATTR_ATIME_NOW", "FATTR_MTIME_NOW",
-                 "FOPEN_DIRECT_IO", "FOPEN_KEEP_CACHE", "FOPEN_CACHE_DIR"):
+                 "FOPEN_DIRECT_IO", "FOPEN_KEEP_CACHE", "FOPEN_CACHE_DIR", "FOPEN_NOFLUSH",
+                 "FOPEN_PARALLEL_DIRECT_WRITES", "FATTR_LOCKOWNER", "FATTR_CTIME",
+                 "FATTR_KILL_SUIDGID"):
         assert getattr(api, name) == getattr(abi, name), name
+    for name in ("RELEASE_FLOCK_UNLOCK", "WRITE_KILL_SUIDGID", "OPEN_KILL_SUIDGID", "ATTR_SUBMOUNT"):
+        assert getattr(api, name) == getattr(abi, "FUSE_" + name), name
+    for name in ("POSIX_LOCKS", "FLOCK_LOCKS", "DO_READDIRPLUS", "READDIRPLUS_AUTO",
+                 "WRITEBACK_CACHE", "HANDLE_KILLPRIV", "POSIX_ACL", "SUBMOUNTS",
+                 "HANDLE_KILLPRIV_V2", "SETXATTR_EXT", "SECURITY_CTX"):
+        assert getattr(api, "INIT_" + name) == getattr(abi, "FUSE_" + name), name

@@ -48,7 +48,7 @@ def test_random_requests(opcode, nodeid, body, len_delta, capacity):
     except VhostfsError:
         return
     if n == 0:
-        assert opcode in (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET)
+        assert opcode in (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT)
         return
     length, error, unique = abi.fuse_out_header.unpack_from(writer.buf)
     assert (length, unique) == (n, 5)

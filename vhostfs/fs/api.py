@@ -12,18 +12,60 @@ Guest buffers reach a filesystem only through the ``ReadSink`` / ``WriteSource``
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 
+class Cancel(Protocol):
+    """A request's cancellation token, given by the runtime (``FuseServer.handle(...,
+    cancel=)``).  A filesystem that waits (SETLKW) polls ``fileno()`` (readable once the
+    request is cancelled) and checks ``is_set()``; it then fails the request with EINTR."""
+
+    def fileno(self) -> int: ...
+
+    def is_set(self) -> bool: ...
+
+
+class EventCancel:
+    """A ``Cancel`` backed by an eventfd: ``set()`` cancels (from any thread)."""
+
+    __slots__ = ("_fd", "_set")
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._set = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set and self._fd >= 0:
+            self._set = True
+            os.eventfd_write(self._fd, 1)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 @dataclass(slots=True)
 class Context:
-    """Who is asking: the guest caller's ids and, for create-type ops, its umask."""
+    """Who is asking: the guest caller's ids, for create-type ops its umask, and the
+    request's cancellation token (None: the request cannot be cancelled)."""
 
     uid: int
     gid: int
     pid: int
     umask: int = 0
+    cancel: Cancel | None = None
 
 
 @dataclass(slots=True)
@@ -74,6 +116,33 @@ FATTR_MTIME_NOW = 1 << 8
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
+# DAX (fuse.h 7.31/7.36): SETUPMAPPING flags, fuse_attr.flags bit, INIT flag bits.
+SETUPMAPPING_FLAG_WRITE = 1 << 0
+SETUPMAPPING_FLAG_READ = 1 << 1
+ATTR_DAX = 1 << 1
+INIT_MAP_ALIGNMENT = 1 << 26
+INIT_HAS_INODE_DAX = 1 << 33
+FOPEN_NOFLUSH = 1 << 5
+FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
+FATTR_LOCKOWNER = 1 << 9
+FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11
+RELEASE_FLOCK_UNLOCK = 1 << 1       # FUSE_RELEASE_FLOCK_UNLOCK
+WRITE_KILL_SUIDGID = 1 << 2         # FUSE_WRITE_KILL_SUIDGID
+OPEN_KILL_SUIDGID = 1 << 0          # FUSE_OPEN_KILL_SUIDGID (fuse_open_in/create_in.open_flags)
+ATTR_SUBMOUNT = 1 << 0              # FUSE_ATTR_SUBMOUNT (fuse_attr.flags)
+# INIT flags a FileSystem may ask for in init() (the FUSE_* values, 64-bit).
+INIT_POSIX_LOCKS = 1 << 1
+INIT_FLOCK_LOCKS = 1 << 10
+INIT_DO_READDIRPLUS = 1 << 13
+INIT_READDIRPLUS_AUTO = 1 << 14
+INIT_WRITEBACK_CACHE = 1 << 16
+INIT_HANDLE_KILLPRIV = 1 << 19
+INIT_POSIX_ACL = 1 << 20
+INIT_SUBMOUNTS = 1 << 27
+INIT_HANDLE_KILLPRIV_V2 = 1 << 28
+INIT_SETXATTR_EXT = 1 << 29
+INIT_SECURITY_CTX = 1 << 32
 
 
 @dataclass(slots=True)
@@ -90,6 +159,17 @@ class SetAttr:
     mode: int
     uid: int
     gid: int
+
+
+@dataclass(slots=True)
+class FileLock:
+    """struct fuse_file_lock: a byte range [start, end] (end 2**63-1: to EOF), the lock
+    type (fcntl.F_RDLCK / F_WRLCK / F_UNLCK) and the owning guest pid (0: unknown)."""
+
+    start: int
+    end: int
+    type: int
+    pid: int
 
 
 @dataclass(slots=True)
@@ -139,6 +219,10 @@ def _enosys():
 class FileSystem:
     """Base class: every operation fails with ENOSYS until a subclass implements it."""
 
+    #: log2 of the alignment SETUPMAPPING offsets must have; reported in the INIT reply
+    #: when ``init`` asked for INIT_MAP_ALIGNMENT (Linux 6.1 refuses values above 21).
+    map_alignment: int = 0
+
     # --- session ---------------------------------------------------------------------
     def init(self, capable: int) -> int:
         """INIT. ``capable``: the 64-bit FUSE_* flags the kernel offered. Returns extra
@@ -147,6 +231,11 @@ class FileSystem:
 
     def destroy(self) -> None:
         """DESTROY: drop every inode reference and handle the kernel held."""
+
+    def node_type(self, nodeid: int) -> int | None:
+        """The S_IFMT bits of a known nodeid, None when unknown (no request: lets the
+        runtime tell, e.g., a FIFO's OPEN that may block from a regular file's)."""
+        return None
 
     # --- names and inodes ------------------------------------------------------------
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
@@ -241,6 +330,32 @@ class FileSystem:
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """FSYNC (fdatasync when ``datasync``). Lookup count unchanged."""
+        raise _enosys()
+
+    # --- locks -----------------------------------------------------------------------
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: FileLock) -> FileLock:
+        """GETLK: the first lock that would conflict with ``lock`` for ``owner``, or the
+        same range with type F_UNLCK when none would. Lookup count unchanged."""
+        raise _enosys()
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: FileLock,
+              *, flock: bool, sleep: bool) -> None:
+        """SETLK (``sleep`` False: EAGAIN on conflict) / SETLKW (``sleep`` True: wait until
+        granted, or EINTR once ``ctx.cancel`` is set).  ``flock``: a BSD flock on the
+        open file ``fh`` (FUSE_LK_FLOCK) instead of a POSIX lock of ``owner``.
+        Lookup count unchanged."""
+        raise _enosys()
+
+    # --- DAX window --------------------------------------------------------------------
+    def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int,
+                     flags: int, moffset: int) -> None:
+        """SETUPMAPPING: map ``length`` bytes of nodeid at ``foffset`` into the DAX window
+        at ``moffset`` (SETUPMAPPING_FLAG_*; ``fh`` is -1 from Linux).  Mapping again at
+        the same ``moffset`` replaces what is there.  Lookup count unchanged."""
+        raise _enosys()
+
+    def removemapping(self, ctx: Context, entries: list[tuple[int, int]]) -> None:
+        """REMOVEMAPPING: unmap each (moffset, len) of the window.  Lookup count unchanged."""
         raise _enosys()
 
     # --- directories -----------------------------------------------------------------

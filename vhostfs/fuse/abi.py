@@ -138,6 +138,17 @@ FUSE_WRITE_KILL_SUIDGID = 1 << 2
 FUSE_READ_LOCKOWNER = 1 << 1
 FUSE_OPEN_KILL_SUIDGID = 1 << 0
 FUSE_FSYNC_FDATASYNC = 1 << 0
+FUSE_LK_FLOCK = 1 << 0
+FUSE_SETXATTR_ACL_KILL_SGID = 1 << 0
+FUSE_IOCTL_COMPAT = 1 << 0
+FUSE_IOCTL_UNRESTRICTED = 1 << 1
+FUSE_IOCTL_RETRY = 1 << 2
+FUSE_IOCTL_32BIT = 1 << 3
+FUSE_IOCTL_DIR = 1 << 4
+FUSE_IOCTL_COMPAT_X32 = 1 << 5
+FUSE_POLL_SCHEDULE_NOTIFY = 1 << 0
+FUSE_ATTR_SUBMOUNT = 1 << 0
+FUSE_ATTR_DAX = 1 << 1
 
 FUSE_COMPAT_ENTRY_OUT_SIZE = 120
 FUSE_COMPAT_ATTR_OUT_SIZE = 96
@@ -146,6 +157,7 @@ FUSE_COMPAT_WRITE_IN_SIZE = 24
 FUSE_COMPAT_STATFS_SIZE = 48
 FUSE_COMPAT_INIT_OUT_SIZE = 8
 FUSE_COMPAT_22_INIT_OUT_SIZE = 24
+FUSE_COMPAT_SETXATTR_IN_SIZE = 8  # fuse_setxattr_in without FUSE_SETXATTR_EXT
 FUSE_COMPAT_INIT_IN_SIZE = 16  # fuse_init_in before 7.36 (no flags2/unused)
 
 # --- structs -----------------------------------------------------------------------------
@@ -181,6 +193,29 @@ fuse_init_out = struct.Struct("<IIIIHHIIHHI7I")       # major minor max_readahea
 fuse_dirent = struct.Struct("<QQII")                  # ino off namelen type, then name
 fuse_direntplus = struct.Struct(fuse_entry_out.format + fuse_dirent.format[1:])
 fuse_interrupt_in = struct.Struct("<Q")
+fuse_setupmapping_in = struct.Struct("<QQQQQ")        # fh foffset len flags moffset
+fuse_removemapping_in = struct.Struct("<I")           # count
+fuse_removemapping_one = struct.Struct("<QQ")         # moffset len
+FUSE_SETUPMAPPING_FLAG_WRITE = 1 << 0
+FUSE_SETUPMAPPING_FLAG_READ = 1 << 1
+FUSE_REMOVEMAPPING_MAX_ENTRY = 4096 // fuse_removemapping_one.size   # PAGE_SIZE / 16 = 256
+fuse_file_lock = struct.Struct("<QQII")               # start end type pid
+fuse_lk_in = struct.Struct("<QQQQIIII")               # fh owner lk(start end type pid) lk_flags padding
+fuse_lk_out = fuse_file_lock
+fuse_setxattr_in = struct.Struct("<IIII")             # size flags setxattr_flags padding
+fuse_getxattr_in = struct.Struct("<II")               # size padding
+fuse_getxattr_out = struct.Struct("<II")              # size padding
+fuse_fallocate_in = struct.Struct("<QQQII")           # fh offset length mode padding
+fuse_lseek_in = struct.Struct("<QQII")                # fh offset whence padding
+fuse_lseek_out = struct.Struct("<Q")                  # offset
+fuse_copy_file_range_in = struct.Struct("<QQQQQQQ")   # fh_in off_in nodeid_out fh_out off_out len flags
+fuse_syncfs_in = struct.Struct("<Q")                  # padding
+fuse_ioctl_in = struct.Struct("<QIIQII")              # fh flags cmd arg in_size out_size
+fuse_ioctl_out = struct.Struct("<iIII")               # result flags in_iovs out_iovs
+fuse_poll_in = struct.Struct("<QQII")                 # fh kh flags events
+fuse_poll_out = struct.Struct("<II")                  # revents padding
+fuse_bmap_in = struct.Struct("<QII")                  # block blocksize padding
+fuse_bmap_out = struct.Struct("<Q")                   # block
 
 FUSE_NAME_OFFSET = fuse_dirent.size
 FUSE_NAME_OFFSET_DIRENTPLUS = fuse_direntplus.size

@@ -18,6 +18,7 @@ from typing import Callable
 from vhostfs.errors import FuseProtocolError, VhostfsError
 from vhostfs.fs.api import Context, FileSystem, SetAttr
 from vhostfs.fuse import abi, replies
+from vhostfs.fuse.ops import ExtendedOps
 from vhostfs.log import get_logger
 
 log = get_logger(__name__)
@@ -29,8 +30,8 @@ _OUT = _out_header.size
 NAME_MAX = 255
 PATH_MAX = 4096
 
-#: INIT flags we enable when the kernel offers them (locks and EXPORT_SUPPORT are not
-#: implemented, so not offered; WRITEBACK_CACHE etc. come from FileSystem.init()).
+#: INIT flags we enable when the kernel offers them (EXPORT_SUPPORT is not implemented,
+#: so not offered; locks, WRITEBACK_CACHE etc. come from FileSystem.init()).
 WANTED_FLAGS = (
     abi.FUSE_ASYNC_READ | abi.FUSE_ATOMIC_O_TRUNC | abi.FUSE_BIG_WRITES | abi.FUSE_DONT_MASK
     | abi.FUSE_AUTO_INVAL_DATA | abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO
@@ -38,7 +39,7 @@ WANTED_FLAGS = (
     | abi.FUSE_INIT_EXT
 )
 
-_NO_REPLY = frozenset((abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET))
+_NO_REPLY = frozenset((abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT))
 
 
 def _einval(what: str) -> OSError:
@@ -66,7 +67,7 @@ def _struct(body: bytes, st) -> tuple:
     return st.unpack_from(body)
 
 
-class FuseServer:
+class FuseServer(ExtendedOps):
     """Serves one FUSE session (one virtio-fs device) on top of a ``FileSystem``.
 
     ``handle`` is thread-safe as far as the server goes (INIT/DESTROY state is under a
@@ -109,11 +110,15 @@ class FuseServer:
             (O.READDIRPLUS, self._readdirplus), (O.RENAME2, self._rename2),
         ):
             table[op] = fn
+        self._register_extended(table)
         self._table = table
 
     # --- entry point ---------------------------------------------------------------------
-    def handle(self, reader, writer) -> int:
+    def handle(self, reader, writer, cancel=None) -> int:
         """Serve one request; returns the bytes written to ``writer`` (0: no reply).
+
+        ``cancel``: the request's ``fs.api.Cancel`` token (a request that waits, SETLKW,
+        fails with EINTR once it is set); None: the request cannot be cancelled.
 
         Raises ``FuseProtocolError`` when not even a FUSE header can be read or no reply
         header fits in the writable buffer; ``vhostfs.errors`` from the Reader/Writer
@@ -148,7 +153,7 @@ class FuseServer:
                     if length - _HDR > self._max_body:
                         raise _einval("request body too large")
                     body = reader.read(length - _HDR)
-                result = handler(Context(uid, gid, pid), nodeid, body, reader, writer)
+                result = handler(Context(uid, gid, pid, cancel=cancel), nodeid, body, reader, writer)
                 err = 0
             except OSError as e:
                 err = e.errno if isinstance(e.errno, int) and 0 < e.errno < 4096 else errno.EIO

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import fcntl
 import os
 import stat
 
@@ -24,6 +25,7 @@ from vhostfs.fs import api
 from vhostfs.fs.api import Attr, Context, DirSink, Entry, FileSystem, ReadSink, SetAttr, StatFs, WriteSource
 from vhostfs.fs.passthrough.handles import DirHandle, FileHandle, HandleTable
 from vhostfs.fs.passthrough.inodes import Inode, InodeTable, key_of, stat_fd
+from vhostfs.fs.passthrough import locks
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: guest open flags passed to the host; O_CREAT/O_EXCL/O_NOFOLLOW/O_PATH/O_DIRECTORY/
@@ -114,6 +116,7 @@ class PassthroughFs(FileSystem):
             os.close(root_fd)
             raise
         self.handles = HandleTable()
+        self.posix_locks = locks.PosixLocks()
         self._uid, self._gid = os.geteuid(), os.getegid()
         self.switch_credentials = (self._uid == 0) if switch_credentials is None else switch_credentials
         # The process umask also applies to host creations; bits it strips are put back
@@ -214,6 +217,13 @@ class PassthroughFs(FileSystem):
         return entry
 
     # --- session -------------------------------------------------------------------------
+    def init(self, capable: int) -> int:
+        return api.INIT_POSIX_LOCKS | api.INIT_FLOCK_LOCKS
+
+    def node_type(self, nodeid: int) -> int | None:
+        inode = self.inodes.find_id(nodeid)
+        return inode.ftype if inode is not None else None
+
     def destroy(self) -> None:
         self.handles.clear()
         self.inodes.clear()
@@ -439,15 +449,47 @@ class PassthroughFs(FileSystem):
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
         # close() of a duplicate gives the host the close-time semantics (e.g. NFS
         # write-back, POSIX lock release) without closing our handle.
-        os.close(os.dup(self.handles.file(fh).fd))
+        h = self.handles.file(fh)
+        # The guest closed one of its descriptors: POSIX releases the owner's locks.
+        self.posix_locks.release_owner(h.inode, lock_owner)
+        os.close(os.dup(h.fd))
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
                 lock_owner: int) -> None:
+        h = self.handles.file(fh)
+        if release_flags & api.RELEASE_FLOCK_UNLOCK:
+            fcntl.flock(h.fd, fcntl.LOCK_UN)
         self.handles.remove(fh, FileHandle)  # fd closes when no request still uses it
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         fd = self.handles.file(fh).fd
         (os.fdatasync if datasync else os.fsync)(fd)
+
+    # --- locks ---------------------------------------------------------------------------
+    def _lock_target(self, nodeid: int, fh: int) -> tuple[Inode, FileHandle | None]:
+        inode = self.inodes.get(nodeid)
+        if inode.ftype != stat.S_IFREG:
+            raise OSError(errno.EINVAL, "locks are served for regular files only")
+        try:
+            return inode, self.handles.file(fh, nodeid)
+        except OSError:
+            return inode, None
+
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: api.FileLock
+              ) -> api.FileLock:
+        inode, h = self._lock_target(nodeid, fh)
+        return self.posix_locks.getlk(inode, owner, lock, h.fd if h is not None else None)
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: api.FileLock,
+              *, flock: bool, sleep: bool) -> None:
+        inode, h = self._lock_target(nodeid, fh)
+        if flock:
+            if h is None:
+                raise OSError(errno.EBADF, f"unknown file handle {fh}")
+            locks.flock(h.fd, lock, sleep, ctx.cancel)
+            return
+        accmode = h.flags & os.O_ACCMODE if h is not None else os.O_RDONLY
+        self.posix_locks.setlk(inode, owner, lock, accmode, sleep, ctx.cancel)
 
     # --- directories ---------------------------------------------------------------------
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ ROOT_ID = 1
 
 
 class Inode:
-    __slots__ = ("nodeid", "fd", "key", "ftype", "nlookup", "__weakref__")
+    __slots__ = ("nodeid", "fd", "key", "ftype", "nlookup", "plocks", "__weakref__")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int, int], ftype: int) -> None:
         self.nodeid = nodeid
@@ -29,6 +29,7 @@ class Inode:
         self.key = key
         self.ftype = ftype    # stat.S_IFMT bits; fixed for the nodeid's life
         self.nlookup = 0
+        self.plocks = None    # {lock owner: locks.OwnerFile}, created on the first lock
 
     @property
     def proc_path(self) -> str:
@@ -72,6 +73,9 @@ class InodeTable:
             return self._by_id[nodeid]
         except KeyError:
             raise OSError(errno.ENOENT, f"unknown nodeid {nodeid}") from None
+
+    def find_id(self, nodeid: int) -> Inode | None:
+        return self._by_id.get(nodeid)
 
     def find(self, key: tuple[int, int, int]) -> Inode | None:
         return self._by_key.get(key)
