@@ -66,7 +66,7 @@ def test_cli_streams_output_and_returns_the_status(tmp_path):
 
 
 def test_cli_timeout_kills_everything(tmp_path):
-    res = _cli("--share", str(tmp_path), "--timeout", "12", "--", "touch started; sleep 600")
+    res = _cli("--share", str(tmp_path), "--timeout", "20", "--", "touch started; sleep 600")
     assert res.returncode == 124, res.stderr
     assert "timeout" in res.stderr
     assert (tmp_path / "started").exists(), "the timeout hit during the boot, not the command"
