@@ -17,7 +17,7 @@ from typing import Callable
 
 from vhostfs.errors import FuseProtocolError, VhostfsError
 from vhostfs.fs.api import Context, FileSystem, SetAttr
-from vhostfs.fuse import abi, replies
+from vhostfs.fuse import abi, blocking, replies
 from vhostfs.fuse.ops import ExtendedOps
 from vhostfs.log import get_logger
 
@@ -108,12 +108,24 @@ class FuseServer(ExtendedOps):
             (O.FSYNCDIR, self._fsyncdir), (O.ACCESS, self._access), (O.CREATE, self._create),
             (O.DESTROY, self._destroy), (O.BATCH_FORGET, self._batch_forget),
             (O.READDIRPLUS, self._readdirplus), (O.RENAME2, self._rename2),
+            (O.SETUPMAPPING, self._setupmapping), (O.REMOVEMAPPING, self._removemapping),
         ):
             table[op] = fn
         self._register_extended(table)
         self._table = table
 
     # --- entry point ---------------------------------------------------------------------
+    def may_block(self, reader) -> int | None:
+        """None if the request in ``reader`` is served promptly; if it may wait
+        indefinitely (fuse/blocking.py: SETLKW, FIFO I/O, fsync), the ``unique`` a
+        FUSE_INTERRUPT for it would name.  The runtime then serves it on a dedicated
+        thread with a cancel token.  Reads the header from ``reader``."""
+        if reader.remaining < _HDR:
+            return None
+        _len, opcode, unique, nodeid, *_ = reader.unpack(_in_header)
+        node_type = getattr(self.fs, "node_type", None)
+        return unique if blocking.may_block(opcode, nodeid, node_type) else None
+
     def handle(self, reader, writer, cancel=None) -> int:
         """Serve one request; returns the bytes written to ``writer`` (0: no reply).
 
@@ -218,7 +230,8 @@ class FuseServer(ExtendedOps):
         out = abi.fuse_init_out.pack(
             abi.KERNEL_VERSION, out_minor, max_readahead, agreed & 0xFFFFFFFF,
             self.max_background, self.congestion_threshold, self.max_write, self.time_gran,
-            self.max_pages if agreed & abi.FUSE_MAX_PAGES else 0, 0,
+            self.max_pages if agreed & abi.FUSE_MAX_PAGES else 0,
+            self.fs.map_alignment if agreed & abi.FUSE_MAP_ALIGNMENT else 0,
             (agreed >> 32) & 0xFFFFFFFF, *([0] * 7))
         with self._lock:
             self.proto_minor = out_minor
@@ -380,6 +393,23 @@ class FuseServer(ExtendedOps):
     def _fsync(self, ctx, nodeid, body, reader, writer):
         fh, fsync_flags, _ = _struct(body, abi.fuse_fsync_in)
         self.fs.fsync(ctx, nodeid, fh, bool(fsync_flags & abi.FUSE_FSYNC_FDATASYNC))
+        return b""
+
+    # --- DAX window (fuse.h 7.31; docs/dax.md) ---------------------------------------------
+    def _setupmapping(self, ctx, nodeid, body, reader, writer):
+        fh, foffset, length, flags, moffset = _struct(body, abi.fuse_setupmapping_in)
+        self.fs.setupmapping(ctx, nodeid, fh, foffset, length, flags, moffset)
+        return b""
+
+    def _removemapping(self, ctx, nodeid, body, reader, writer):
+        (count,) = _struct(body, abi.fuse_removemapping_in)
+        one = abi.fuse_removemapping_one
+        start = abi.fuse_removemapping_in.size
+        if count == 0 or count > abi.FUSE_REMOVEMAPPING_MAX_ENTRY:
+            raise _einval(f"REMOVEMAPPING count {count} not in 1..{abi.FUSE_REMOVEMAPPING_MAX_ENTRY}")
+        if len(body) != start + count * one.size:
+            raise _einval(f"REMOVEMAPPING of {count} entries in a {len(body)}-byte body")
+        self.fs.removemapping(ctx, [one.unpack_from(body, start + i * one.size) for i in range(count)])
         return b""
 
     # --- directories ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from vhostfs.errors import ProtocolError
 from vhostfs.fs.passthrough import PassthroughFs
 from vhostfs.fuse.server import FuseServer
 from vhostfs.log import get_logger
+from vhostfs.runtime.cancel import InterruptRegistry
 from vhostfs.runtime.queue import QueueRunner
 from vhostfs.vhost_user import transport
 from vhostfs.vhost_user.device import VhostUserDevice
@@ -34,6 +35,9 @@ class Daemon:
         self.fs = PassthroughFs(config.shared_dir, readonly=config.readonly, cache=config.cache,
                                 **config.fs_options)
         self.server = FuseServer(self.fs)
+        # FUSE_INTERRUPT (hiprio queue) cancels a blocking request on any request queue.
+        self.interrupts = InterruptRegistry()
+        self.server.interrupt_hook = self.interrupts.interrupt
         # Called once the vhost-user socket listens (the CLI sends sd_notify READY=1 and
         # applies --socket-group there).
         self.on_listening: Callable[[socket.socket], None] | None = None
@@ -44,9 +48,13 @@ class Daemon:
 
     def start_queue(self, index: int, queue, kick_fd: int, call_fd: int | None) -> None:
         # Queue 0 is hiprio (virtio 1.2 §5.11.2): FORGET/INTERRUPT are cheap and must not
-        # wait behind request-queue work, so it is served inline on its own thread.
+        # wait behind request-queue work, so it is served inline on its own thread.  Each
+        # request queue (multiqueue: 1..num_request_queues) has its own thread and pool;
+        # requests that may block get a dedicated thread on any queue (runtime/queue.py).
         pool = 0 if index == 0 else self.config.thread_pool_size
-        runner = QueueRunner(index, queue, kick_fd, call_fd, self.server.handle, pool)
+        runner = QueueRunner(index, queue, kick_fd, call_fd, self.server.handle, pool,
+                             may_block=getattr(self.server, "may_block", None),
+                             interrupts=self.interrupts)
         with self.lock:
             old = self.runners.pop(index, None)
         if old is not None:
@@ -88,6 +96,13 @@ class Daemon:
 
     # -- main loop -----------------------------------------------------------------------
 
+    def make_device(self) -> VhostUserDevice:
+        """The vhost-user device for one frontend connection, with this daemon as its
+        hooks.  GET_QUEUE_NUM reports 1 + ``num_request_queues``: the most request
+        queues a frontend may start, each then gets its own thread and pool."""
+        return VhostUserDevice(self, tag=self.config.tag,
+                               num_request_queues=self.config.num_request_queues)
+
     def _listener(self) -> socket.socket:
         if self.config.fd is not None:
             return transport.listener_from_fd(self.config.fd)
@@ -112,8 +127,7 @@ class Daemon:
                 # cannot connect to a socket nobody will accept on.
                 _unlink_quietly(self.config.socket_path)
             log.info("frontend connected")
-            device = VhostUserDevice(self, tag=self.config.tag,
-                                     num_request_queues=self.config.num_request_queues)
+            device = self.make_device()
             try:
                 transport.serve_connection(sock, device)
             except ProtocolError as exc:

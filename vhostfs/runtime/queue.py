@@ -1,49 +1,137 @@
-"""One started virtqueue: its thread, its worker pool, its lock.
+"""One started virtqueue: its thread, its worker pool, its dedicated workers, its lock.
 
-The queue thread waits on the kick eventfd (and a stop eventfd), pops every available
-chain and hands each to the queue's worker pool (or serves it inline when the pool
-size is 0).  Replies complete in any order; ``add_used`` and the notification decision
-run under the queue lock so the used ring is written by one thread at a time
-(virtio 1.2 §2.7.8: the used idx is a single producer index).
+The queue thread waits on the kick eventfd and a stop eventfd, pops every available
+chain and routes it:
+
+* a request the server says may block (``may_block(reader)`` returns a key, see
+  ``fuse/blocking.py``) gets a dedicated thread of its own and a cancel token
+  registered under that key, so a waiter never occupies a pool thread that the request
+  releasing it needs (N+2 SETLKW waiters with a pool of N still let the unlock through);
+* anything else goes to the queue's worker pool, or is served inline on the queue
+  thread when the pool size is 0.
+
+Replies complete in any order.  ``add_used``, the notification decision (EVENT_IDX or
+NO_INTERRUPT) and the call eventfd write all run under the queue lock, so the used ring
+has one writer at a time (virtio 1.2 §2.7.8: the used idx is a single producer index),
+and every popped chain is returned exactly once (``_finish``), on every path: handler
+error, guest-memory error, thread start failure.
+
+Stopping (GET_VRING_BASE, reset, exit): the queue thread stops popping; blocking
+requests are cancelled (their wait fails with EINTR: Linux turns that into
+ERESTARTSYS for SETLKW, so the guest's syscall restarts); then ``stop`` waits until
+every popped chain is in the used ring, and only then reports ``last_avail_idx``
+(vhost-user.rst, "Starting and stopping rings").
+
+Guest memory: a chain's buffers are memoryviews that keep their mmap alive, so a
+memory-table change (``attach_memory``, under the queue lock) never unmaps memory a
+worker is still using; the old snapshot goes when its last request finishes.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import queue as _queue
 import select
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from vhostfs.errors import ChainError, GuestMemoryError, QueueBroken, VhostfsError, VirtqueueError
 from vhostfs.log import get_logger
+from vhostfs.runtime.cancel import CancelToken, InterruptRegistry
 from vhostfs.virtqueue.iov import Reader, Writer
 
 log = get_logger("vhostfs.queue")
 
-# handle(reader, writer) -> bytes written into the device-writable part
-Handler = Callable[[Reader, Writer], int]
+# handle(reader, writer[, cancel=token]) -> bytes written into the device-writable part
+Handler = Callable[..., int]
+# may_block(reader) -> key (an int: serve on a dedicated thread) or None
+MayBlock = Callable[[Reader], "int | None"]
+
+#: Blocking requests in flight per queue before new ones are served on the pool with
+#: an already-cancelled token (they then fail with EINTR instead of waiting).
+MAX_DEDICATED = 1024
+
+
+def _accepts_cancel(handler) -> bool:
+    try:
+        params = inspect.signature(handler).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cancel" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class WorkerPool:
+    """``size`` threads serving ``fn(item)`` from one FIFO; a worker never dies."""
+
+    def __init__(self, size: int, name: str, fn: Callable[[object], None]) -> None:
+        self._fn = fn
+        self._q: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(size)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, item) -> None:
+        self._q.put(item)
+
+    def _run(self) -> None:
+        fn, get = self._fn, self._q.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            try:
+                fn(item)
+            except BaseException:   # fn completes its chain itself; this is a last resort
+                log.exception("worker error")
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._q.put(None)
+        me = threading.current_thread()
+        for t in self._threads:
+            if t is not me:
+                t.join()
 
 
 class QueueRunner:
     """Serves one virtqueue until stopped."""
 
     def __init__(self, index: int, queue, kick_fd: int, call_fd: int | None,
-                 handler: Handler, pool_size: int) -> None:
+                 handler: Handler, pool_size: int, *, may_block: MayBlock | None = None,
+                 interrupts: InterruptRegistry | None = None,
+                 max_dedicated: int = MAX_DEDICATED) -> None:
         self.index = index
         self.queue = queue
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.handler = handler
+        self.may_block = may_block
+        self.interrupts = interrupts
+        self.max_dedicated = max_dedicated
+        self._cancellable = _accepts_cancel(handler)
         self.lock = threading.Lock()
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.pool = ThreadPoolExecutor(pool_size, f"vq{index}-worker") if pool_size > 0 else None
+        self.pool = WorkerPool(pool_size, f"vq{index}-worker", self._serve) if pool_size > 0 else None
         self.broken = False
+        self.stopping = False
         self._inflight = 0
+        self._dedicated: set[CancelToken] = set()
         self._idle = threading.Condition(self.lock)
         self.thread = threading.Thread(target=self._run, name=f"vq{index}", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    @property
+    def inflight(self) -> int:
+        with self.lock:
+            return self._inflight
+
+    @property
+    def blocking_inflight(self) -> int:
+        with self.lock:
+            return len(self._dedicated)
 
     # -- the queue thread -------------------------------------------------------------
 
@@ -79,65 +167,132 @@ class QueueRunner:
         """
         while True:
             with self.lock:
-                self.queue.disable_notification()
+                if self.broken:
+                    return
+                try:
+                    self.queue.disable_notification()
+                except (QueueBroken, GuestMemoryError) as exc:
+                    self._break_locked("cannot disable notifications", exc)
+                    return
             while self._pop_one():
                 pass
             with self.lock:
-                self.queue.enable_notification()
+                if self.broken:
+                    return
+                try:
+                    self.queue.enable_notification()
+                except (QueueBroken, GuestMemoryError) as exc:
+                    self._break_locked("cannot enable notifications", exc)
+                    return
             if not self._pop_one():
                 return
 
     def _pop_one(self) -> bool:
         with self.lock:
-            if self.broken:
+            if self.broken or self.stopping:
                 return False
             try:
                 chain = self.queue.pop()
             except ChainError as exc:
-                log.warning("malformed descriptor chain dropped", queue=self.index,
-                            head=exc.head if hasattr(exc, "head") else None, error=str(exc))
                 head = getattr(exc, "head", None)
+                log.warning("malformed descriptor chain dropped", queue=self.index,
+                            head=head, error=str(exc))
                 if head is not None:
                     self._complete_locked(head, 0)
                 return True
             except (QueueBroken, GuestMemoryError) as exc:
-                self.broken = True
-                log.error("virtqueue broken; no more requests served on it",
-                          queue=self.index, error=str(exc))
+                self._break_locked("virtqueue broken; no more requests served on it", exc)
                 return False
             if chain is None:
                 return False
             self._inflight += 1
-        if self.pool is None:
-            self._serve(chain)
-        else:
-            self.pool.submit(self._serve, chain)
+        self._dispatch(chain)
         return True
+
+    def _dispatch(self, chain) -> None:
+        key = None
+        if self.may_block is not None:
+            try:
+                key = self.may_block(Reader(chain.readable))
+            except Exception:   # the handler will meet the same problem and answer it
+                key = None
+        if key is not None:
+            self._start_dedicated(chain, key)
+        elif self.pool is not None:
+            self.pool.submit((chain, None, None))
+        else:
+            self._serve((chain, None, None))
+
+    def _start_dedicated(self, chain, key: int) -> None:
+        token = CancelToken()
+        with self.lock:
+            over = len(self._dedicated) >= self.max_dedicated
+            self._dedicated.add(token)
+        if self.interrupts is not None:
+            self.interrupts.register(key, token)
+        if over:
+            log.warning("too many blocking requests in flight; this one may not wait",
+                        queue=self.index, limit=self.max_dedicated)
+            token.set()
+        elif self.stopping:
+            token.set()
+        try:
+            threading.Thread(target=self._serve, args=((chain, token, key),),
+                             name=f"vq{self.index}-blocking", daemon=True).start()
+            return
+        except RuntimeError as exc:   # no thread left: answer now, without waiting
+            log.error("cannot start a thread for a blocking request; it is not allowed to wait",
+                      queue=self.index, error=str(exc))
+        token.set()
+        self._serve((chain, token, key))
 
     # -- workers ------------------------------------------------------------------------
 
-    def _serve(self, chain) -> None:
+    def _serve(self, item) -> None:
+        chain, token, key = item
         written = 0
         try:
-            written = self.handler(Reader(chain.readable), Writer(chain.writable))
+            reader, writer = Reader(chain.readable), Writer(chain.writable)
+            if token is not None and self._cancellable:
+                written = self.handler(reader, writer, cancel=token)
+            else:
+                written = self.handler(reader, writer)
         except VhostfsError as exc:
             log.warning("request dropped", queue=self.index, head=chain.head, error=str(exc))
-        except Exception:  # a worker never dies (architecture.md, "two error channels")
+            written = 0
+        except BaseException:  # a worker never dies (architecture.md, "two error channels")
             log.exception("unexpected error serving a request", queue=self.index, head=chain.head)
+            written = 0
+        finally:
+            if token is not None:
+                if self.interrupts is not None:
+                    self.interrupts.unregister(key, token)
+            self._finish(chain.head, written, token)
+
+    def _finish(self, head: int, written: int, token: CancelToken | None) -> None:
         with self.lock:
+            self._complete_locked(head, written)
             self._inflight -= 1
-            self._complete_locked(chain.head, written)
+            if token is not None:
+                self._dedicated.discard(token)
             if self._inflight == 0:
                 self._idle.notify_all()
+        if token is not None:
+            token.close()
 
     def _complete_locked(self, head: int, written: int) -> None:
+        if self.broken:
+            return
         try:
             self.queue.add_used(head, written)
             if self.call_fd is not None and self.queue.needs_notification():
                 os.eventfd_write(self.call_fd, 1)
-        except (QueueBroken, GuestMemoryError) as exc:
-            self.broken = True
-            log.error("virtqueue broken while completing", queue=self.index, error=str(exc))
+        except (QueueBroken, GuestMemoryError, ValueError) as exc:
+            self._break_locked("virtqueue broken while completing", exc)
+
+    def _break_locked(self, what: str, exc: Exception) -> None:
+        self.broken = True
+        log.error(what, queue=self.index, error=str(exc))
 
     # -- control from the vhost-user thread ----------------------------------------------
 
@@ -151,22 +306,30 @@ class QueueRunner:
             try:
                 self.queue.attach(memory)
             except (GuestMemoryError, VirtqueueError) as exc:
-                self.broken = True
-                log.error("ring no longer inside guest memory", queue=self.index, error=str(exc))
+                self._break_locked("ring no longer inside guest memory", exc)
 
     def stop(self) -> int:
-        """Stop the thread, let in-flight requests complete, return last_avail_idx.
+        """Stop the thread, cancel blocking waits, let every popped request complete,
+        return last_avail_idx.
 
         vhost-user.rst "Starting and stopping rings": GET_VRING_BASE must return the
         index of the next descriptor to process, after every popped one has been used.
         """
+        with self.lock:
+            self.stopping = True
         os.eventfd_write(self.stop_fd, 1)
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join()
         with self.lock:
+            blocked = list(self._dedicated)
+        for token in blocked:
+            token.set()
+        if blocked:
+            log.info("ring stop cancelled blocking requests", queue=self.index, count=len(blocked))
+        with self.lock:
             while self._inflight:
                 self._idle.wait()
         if self.pool is not None:
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown()
         os.close(self.stop_fd)
         return self.queue.last_avail_idx
