@@ -17,11 +17,19 @@ from dataclasses import asdict, dataclass, field
 
 from tests.bench import report
 from tests.bench.backends import BackendProcess, BackendSpec
-from tests.bench.workloads import BenchError, Cell, LookupMany, Workload
+from tests.bench.workloads import BenchError, Cell, LookupMany, Workload, reset_dataset
 from tests.support import fuse_client as fc
 from tests.support.fuse_client import BackendCapabilityError, VirtioFsConnection
 
 STALL_SECONDS = 15.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
 FORGET_BATCH = 64
 
 
@@ -41,6 +49,7 @@ class CellResult:
     cpu_us_per_op: float | None = None
     backend_cpu_pct: float = 0.0
     loadgen_cpu_pct: float = 0.0
+    other_cpu_pct: float | None = None     # the rest of the machine during the window
     peak_rss_mib: float | None = None
     kicks_per_op: float | None = None
     status: str = "ok"          # ok | unsupported | error
@@ -58,14 +67,20 @@ def start_backend(spec: BackendSpec, workdir: str, shared: str, queues: int, tag
     return proc
 
 
-def connect(proc: BackendProcess, queues: int, depth: int, data_size: int) -> VirtioFsConnection:
-    try:
-        return VirtioFsConnection.connect(proc.sock, request_queues=queues, depth=depth,
-                                          data_size=data_size, connect_timeout=20)
-    except (FileNotFoundError, ConnectionRefusedError):
+def connect(proc: BackendProcess, queues: int, depth: int, data_size: int,
+            timeout: float = 30.0) -> VirtioFsConnection:
+    """Wait (while the backend lives) for its socket, then play the QEMU handshake."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(proc.sock):
         if not proc.alive():
-            raise BenchError(f"backend exited (rc {proc.proc.returncode}): {proc.log_tail(600)}") from None
-        raise
+            tail = proc.log_tail(400).strip().splitlines()
+            raise BenchError(f"backend exited (rc {proc.proc.returncode}) before listening: "
+                             f"{tail[-1] if tail else 'no output'}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"backend created no socket within {timeout:.0f} s")
+        time.sleep(0.01)
+    return VirtioFsConnection.connect(proc.sock, request_queues=queues, depth=depth,
+                                      data_size=data_size, connect_timeout=5)
 
 
 def probe_queues(spec: BackendSpec, workdir: str, shared: str, want: int) -> tuple[int | None, str]:
@@ -115,6 +130,8 @@ def _drive(conn: VirtioFsConnection, wl: Workload, depth: int, *, warmup: float,
     ops = 0
     cpu0 = proc.cpu_seconds() if (proc and measuring) else 0.0
     lg0 = time.process_time()
+    busy0 = machine_busy_seconds()
+    busy1 = None
     kicks0 = sum(ch.kicks for ch in chans)
     cpu1 = lg1 = kicks1 = None
     last_progress = perf()
@@ -127,6 +144,7 @@ def _drive(conn: VirtioFsConnection, wl: Workload, depth: int, *, warmup: float,
             measuring = True
             cpu0 = proc.cpu_seconds() if proc else 0.0
             lg0 = time.process_time()
+            busy0 = machine_busy_seconds()
             kicks0 = sum(ch.kicks for ch in chans)
             lat.clear()
             ops = 0
@@ -134,6 +152,7 @@ def _drive(conn: VirtioFsConnection, wl: Workload, depth: int, *, warmup: float,
             stopping = True
             cpu1 = proc.cpu_seconds() if proc else 0.0
             lg1 = time.process_time()
+            busy1 = machine_busy_seconds()
             kicks1 = sum(ch.kicks for ch in chans)
         if not events:
             if now - last_progress > STALL_SECONDS:
@@ -171,16 +190,19 @@ def _drive(conn: VirtioFsConnection, wl: Workload, depth: int, *, warmup: float,
     if cpu1 is None:      # the workload ran out before the window closed
         cpu1 = proc.cpu_seconds() if proc else 0.0
         lg1 = time.process_time()
+        busy1 = machine_busy_seconds()
         kicks1 = sum(ch.kicks for ch in chans)
         t_end = min(t_end, perf())
     window = t_end - t_measure if warmup > 0 else t_end - start
     return {"ops": ops, "lat": lat, "window": max(window, 1e-9), "cpu": cpu1 - cpu0,
-            "loadgen_cpu": lg1 - lg0, "kicks": kicks1 - kicks0}
+            "loadgen_cpu": lg1 - lg0, "kicks": kicks1 - kicks0,
+            "other_cpu": max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (lg1 - lg0))}
 
 
 def run_cell(spec: BackendSpec, cell: Cell, wl: Workload, *, workdir: str, shared: str,
              warmup: float, seconds: float) -> CellResult:
     res = CellResult(spec.name, cell.workload, cell.queues, cell.depth)
+    reset_dataset(shared)
     proc = start_backend(spec, workdir, shared, cell.queues, cell.key.replace("/", "-"))
     conn = None
     try:
@@ -202,6 +224,7 @@ def run_cell(spec: BackendSpec, cell: Cell, wl: Workload, *, workdir: str, share
         res.cpu_us_per_op = m["cpu"] / m["ops"] * 1e6 if m["ops"] else None
         res.backend_cpu_pct = 100 * m["cpu"] / m["window"]
         res.loadgen_cpu_pct = 100 * m["loadgen_cpu"] / m["window"]
+        res.other_cpu_pct = 100 * m["other_cpu"] / m["window"]
         res.kicks_per_op = m["kicks"] / m["ops"] if m["ops"] else None
         if hasattr(wl, "entries"):
             res.extra["dirents_per_s"] = wl.entries / max(m["window"] + warmup, 1e-9)
@@ -211,8 +234,9 @@ def run_cell(spec: BackendSpec, cell: Cell, wl: Workload, *, workdir: str, share
     except Exception as exc:   # noqa: BLE001 - one failed cell must not stop the bench
         res.status = "error"
         res.detail = f"{type(exc).__name__}: {exc}"
-        if not proc.alive():
-            res.detail += f" [backend exited rc {proc.proc.returncode}; log: {proc.log_tail(300)!r}]"
+        if not proc.alive() and "backend exited" not in res.detail:
+            tail = proc.log_tail(400).strip().splitlines()
+            res.detail += f" [backend exited rc {proc.proc.returncode}: {tail[-1] if tail else ''}]"
     finally:
         if conn is not None:
             conn.close()
@@ -229,7 +253,8 @@ def run_rss(spec: BackendSpec, count: int, *, workdir: str, shared: str, depth: 
         conn = connect(proc, 1, depth, 4096)
         conn.init()
         out["rss_after_init_mib"] = proc.rss_kib() / 1024
-        wl = LookupMany(count)
+        curve: list[tuple[int, float]] = []
+        wl = LookupMany(count, lambda done: curve.append((done, proc.rss_kib() / 1024)))
         wl.setup(conn, depth)
         t0 = time.perf_counter()
         _drive(conn, wl, depth, warmup=0, seconds=3600, proc=proc)
@@ -237,6 +262,10 @@ def run_rss(spec: BackendSpec, count: int, *, workdir: str, shared: str, depth: 
         out["inodes_looked_up"] = wl.done
         out["rss_mib"] = proc.rss_kib() / 1024
         out["peak_rss_mib"] = proc.peak_rss_kib() / 1024
+        if wl.done and (not curve or curve[-1][0] != wl.done):
+            curve.append((wl.done, out["rss_mib"]))
+        out["rss_curve"] = curve            # measured (inodes, RSS MiB) points
+        out.update(report.rss_slope(out["rss_after_init_mib"], curve, count))
         try:
             with open(f"/proc/{proc.pid}/limits") as f:
                 for line in f:

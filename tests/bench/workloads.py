@@ -89,6 +89,13 @@ def make_dataset(root: str, *, rss_files: int) -> None:
             pass
 
 
+def reset_dataset(root: str) -> None:
+    """Undo what an interrupted cell may have left: the CREATE directory is empty."""
+    d = os.path.join(root, CREATE_DIR)
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+
+
 # -- workloads -----------------------------------------------------------------------------
 class Workload:
     name = ""
@@ -282,6 +289,18 @@ class CreateUnlink(Workload):
         self.pending_forgets.append((node, 1))    # the kernel drops an unlinked inode at once
         return self.first(sid)
 
+    def teardown(self, conn: VirtioFsConnection) -> None:
+        """Finish the cycles the end of the window interrupted (the op ``next`` chose last
+        was not sent), so the directory is empty again."""
+        for step, name, node, fh in self.state.values():
+            if step == 1:
+                conn.release(node, fh)
+            if step in (1, 2):
+                conn.unlink(self.dir, name)
+                self.pending_forgets.append((node, 1))
+        self.state.clear()
+        super().teardown(conn)
+
 
 class ReaddirPlus(Workload):
     """Each stream scans the 10,000-entry directory with its own handle, 4 KiB per request."""
@@ -333,9 +352,12 @@ class LookupMany(Workload):
     first error and records it instead of failing."""
     name, title = "lookup-many", "LOOKUP of N distinct files"
 
-    def __init__(self, count: int) -> None:
+    SAMPLE_EVERY = 5000
+
+    def __init__(self, count: int, sample=None) -> None:
         super().__init__()
         self.count = count
+        self.sample = sample          # called with the number done every SAMPLE_EVERY lookups
 
     def setup(self, conn: VirtioFsConnection, streams: int) -> None:
         d = conn.lookup(ROOT, RSS_DIR)
@@ -361,6 +383,8 @@ class LookupMany(Workload):
             return None
         self._looked_up(fc.abi.fuse_entry_out.unpack_from(r.body)[0])
         self.done += 1
+        if self.sample is not None and self.done % self.SAMPLE_EVERY == 0:
+            self.sample(self.done)
         return self.first(sid)
 
 

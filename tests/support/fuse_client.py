@@ -354,6 +354,7 @@ class Reply:
 @dataclass(slots=True)
 class _Slot:
     index: int
+    descs: list[int]      # descriptor indices owned by this slot for good
     hdr_gpa: int
     args_gpa: int
     out_gpa: int
@@ -364,6 +365,7 @@ class _Slot:
     out: memoryview
     body: memoryview
     data: memoryview
+    busy: bool = False
     unique: int = 0
     opcode: int = 0
     tag: object = None
@@ -372,10 +374,40 @@ class _Slot:
     read_into_data: bool = False
 
 
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+MAX_LINKS = 5             # in header, arguments, payload | out header, body
+NO_REPLY = (O.FORGET, O.BATCH_FORGET)
+
+
+class SlotDriver(Driver):
+    """A :class:`Driver` with a lean hot path for reusable request slots.
+
+    ``push`` places a head whose descriptors its caller owns for good (no per-request
+    free-list or bookkeeping), and ``completions`` returns raw ``(head, length)`` pairs
+    without copying the writable buffers: the caller reads them in place.
+    """
+
+    def push(self, head: int) -> None:
+        _U16.pack_into(self._avail, 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+
+    def completions(self) -> list[tuple[int, int]]:
+        idx = self.used_idx            # acquire load: the elements below are visible
+        last, size, used = self.last_used, self.size, self._used
+        out = []
+        while last != idx:
+            out.append(_USED_ELEM.unpack_from(used, 4 + 8 * (last % size)))
+            last = (last + 1) & 0xFFFF
+        self.last_used = last
+        return out
+
+
 class RingChannel:
     """Driver side of one virtio-fs queue with ``depth`` reusable request slots."""
 
-    def __init__(self, driver: Driver, call_fd: int, kick, *, depth: int, data_size: int,
+    def __init__(self, driver: SlotDriver, call_fd: int, kick, *, depth: int, data_size: int,
                  body_size: int = 64 << 10, uid: int = 0, gid: int = 0, pid: int = 0) -> None:
         mem = driver.memory
         self.driver = driver
@@ -385,6 +417,7 @@ class RingChannel:
         self.data_size = data_size
         self.body_size = body_size
         self.creds = (uid, gid, pid)
+        self._desc = driver._desc
         self.slots: list[_Slot] = []
         for i in range(depth):
             hdr = mem.alloc(IN_HEADER_SIZE, align=64)
@@ -392,11 +425,12 @@ class RingChannel:
             out = mem.alloc(OUT_HEADER_SIZE, align=64)
             body = mem.alloc(body_size, align=64)
             data = mem.alloc(max(data_size, 1), align=4096)
-            self.slots.append(_Slot(i, hdr, args, out, body, data, mem.contiguous(hdr, IN_HEADER_SIZE),
-                                    mem.contiguous(args, ARGS_SIZE), mem.contiguous(out, OUT_HEADER_SIZE),
-                                    mem.contiguous(body, body_size), mem.contiguous(data, max(data_size, 1))))
+            self.slots.append(_Slot(i, driver.take_descriptors(MAX_LINKS), hdr, args, out, body, data,
+                                    mem.contiguous(hdr, IN_HEADER_SIZE), mem.contiguous(args, ARGS_SIZE),
+                                    mem.contiguous(out, OUT_HEADER_SIZE), mem.contiguous(body, body_size),
+                                    mem.contiguous(data, max(data_size, 1))))
+        self._by_head = {slot.descs[0]: slot for slot in self.slots}
         self._free = list(range(depth - 1, -1, -1))
-        self._by_head: dict[int, _Slot] = {}
         self._next_unique = 1
         self.kicks = 0
         self.submitted = 0
@@ -414,55 +448,50 @@ class RingChannel:
         return self.slots[self._free[-1]]
 
     def submit(self, op: Op, *, tag: object = None, publish: bool = True) -> int:
-        """Lay out ``op`` in a free slot and make it available; returns its unique."""
+        """Lay out ``op`` in a free slot and make it available; returns its unique.
+
+        Chain: in header | arguments | WRITE payload (device-readable), then out header |
+        reply body or READ destination (device-writable); FORGETs have no writable part.
+        """
         if not self._free:
             raise RuntimeError("no free slot: reap first")
-        slot = self.slots[self._free[-1]]
-        nargs = len(op.args)
-        if nargs > ARGS_SIZE:
-            raise ValueError(f"{_opname(op.opcode)}: {nargs} bytes of arguments > {ARGS_SIZE}")
-        if op.write_len > self.data_size or (op.read_into_data and op.reply_size > self.data_size):
-            raise ValueError(f"{_opname(op.opcode)}: payload larger than the {self.data_size}-byte data buffer")
-        if not op.read_into_data and op.reply_size > self.body_size:
-            raise ValueError(f"{_opname(op.opcode)}: reply of {op.reply_size} > {self.body_size}-byte body")
+        opcode, nodeid, args, reply_size, write_len, into_data = op
+        nargs = len(args)
+        if (nargs > ARGS_SIZE or write_len > self.data_size
+                or reply_size > (self.data_size if into_data else self.body_size)):
+            raise ValueError(f"{_opname(opcode)}: {nargs} argument bytes, {write_len} payload, "
+                             f"{reply_size} reply do not fit the slot")
+        slot = self.slots[self._free.pop()]
         unique = self._next_unique
-        self._next_unique += 2      # the kernel uses even uniques; any distinct value works
+        self._next_unique = unique + 2      # the kernel uses even uniques; any distinct value works
         uid, gid, pid = self.creds
-        _HDR.pack_into(slot.hdr, 0, IN_HEADER_SIZE + nargs + op.write_len, op.opcode, unique,
-                       op.nodeid, uid, gid, pid, 0, 0)
+        _HDR.pack_into(slot.hdr, 0, IN_HEADER_SIZE + nargs + write_len, opcode, unique, nodeid,
+                       uid, gid, pid, 0, 0)
         links = [(slot.hdr_gpa, IN_HEADER_SIZE, 0)]
         if nargs:
-            slot.args[:nargs] = op.args
+            slot.args[:nargs] = args
             links.append((slot.args_gpa, nargs, 0))
-        if op.write_len:
-            links.append((slot.data_gpa, op.write_len, 0))
-        writable = []
-        if op.reply_size or op.opcode not in (O.FORGET, O.BATCH_FORGET):
+        if write_len:
+            links.append((slot.data_gpa, write_len, 0))
+        if reply_size or opcode not in NO_REPLY:
             links.append((slot.out_gpa, OUT_HEADER_SIZE, F_WRITE))
-            writable.append((slot.out_gpa, OUT_HEADER_SIZE))
-            if op.reply_size:
-                if op.read_into_data:
-                    links.append((slot.data_gpa, op.reply_size, F_WRITE))
-                else:
-                    links.append((slot.body_gpa, op.reply_size, F_WRITE))
-                    writable.append((slot.body_gpa, op.reply_size))
-        drv = self.driver
-        idx = drv.take_descriptors(len(links))
+            if reply_size:
+                links.append((slot.data_gpa if into_data else slot.body_gpa, reply_size, F_WRITE))
+        descs, table, pack = slot.descs, self._desc, _DESC.pack_into
         last = len(links) - 1
-        for k, (gpa, n, flags) in enumerate(links):
-            if k < last:
-                drv.write_desc(idx[k], gpa, n, flags | F_NEXT, idx[k + 1])
-            else:
-                drv.write_desc(idx[k], gpa, n, flags, 0)
-        self._free.pop()
+        for k in range(last):
+            gpa, n, flags = links[k]
+            pack(table, 16 * descs[k], gpa, n, flags | F_NEXT, descs[k + 1])
+        gpa, n, flags = links[last]
+        pack(table, 16 * descs[last], gpa, n, flags, 0)
+        slot.busy = True
         slot.unique = unique
-        slot.opcode = op.opcode
+        slot.opcode = opcode
         slot.tag = tag
-        slot.reply_size = op.reply_size
-        slot.read_into_data = op.read_into_data
-        self._by_head[idx[0]] = slot
+        slot.reply_size = reply_size
+        slot.read_into_data = into_data
         slot.submitted = time.perf_counter()
-        drv.push_head(idx[0], publish=False, descriptors=idx, writable=writable)
+        self.driver.push(descs[0])
         self.submitted += 1
         if publish:
             self.publish()
@@ -481,7 +510,7 @@ class RingChannel:
         drv = self.driver
         out: list[Reply] = []
         while True:
-            done = drv.used()
+            done = drv.completions()
             if not done:
                 if drv.event_idx:
                     drv.set_used_event(drv.last_used)
@@ -490,37 +519,45 @@ class RingChannel:
                         continue
                 return out
             now = time.perf_counter()
-            for c in done:
-                slot = self._by_head.pop(c.head, None)
-                if slot is None:
-                    raise FuseProtocolError(f"used ring returned unknown head {c.head}")
-                out.append(self._reply(slot, c.length, c.data, now))
-                self._free.append(slot.index)
+            by_head, free = self._by_head, self._free
+            for head, used_len in done:
+                slot = by_head.get(head)
+                if slot is None or not slot.busy:
+                    raise FuseProtocolError(f"used ring returned head {head}, which is not in flight")
+                slot.busy = False
+                out.append(self._reply(slot, used_len, now))
+                free.append(slot.index)
 
-    def _reply(self, slot: _Slot, used_len: int, data: bytes, now: float) -> Reply:
-        name = _opname(slot.opcode)
-        if slot.opcode in (O.FORGET, O.BATCH_FORGET):
+    def _reply(self, slot: _Slot, used_len: int, now: float) -> Reply:
+        if slot.opcode in NO_REPLY:
             if used_len:
-                raise FuseProtocolError(f"{name}: device wrote {used_len} bytes to a request without reply")
+                raise FuseProtocolError(f"{_opname(slot.opcode)}: device wrote {used_len} bytes "
+                                        "to a request without reply")
             return Reply(slot.unique, slot.opcode, 0, 0, b"", slot.tag, slot.submitted, now, slot.index)
         if used_len < OUT_HEADER_SIZE:
-            raise FuseProtocolError(f"{name}: used length {used_len} < out header")
-        length, error, unique = _OUT.unpack_from(data)
-        if unique != slot.unique:
-            raise FuseProtocolError(f"{name}: reply unique {unique}, expected {slot.unique}")
-        if length != used_len:
-            raise FuseProtocolError(f"{name}: out header len {length} != used length {used_len}")
-        if error > 0 or error < -4095:
-            raise FuseProtocolError(f"{name}: error field {error}")
-        if error and length != OUT_HEADER_SIZE:
-            raise FuseProtocolError(f"{name}: error {error} with {length - OUT_HEADER_SIZE} body bytes")
-        if length - OUT_HEADER_SIZE > slot.reply_size:
-            raise FuseProtocolError(f"{name}: {length} bytes > {slot.reply_size} offered")
+            raise FuseProtocolError(f"{_opname(slot.opcode)}: used length {used_len} < out header")
+        length, error, unique = _OUT.unpack_from(slot.out)
+        if (unique != slot.unique or length != used_len or error > 0 or error < -4095
+                or (error and length != OUT_HEADER_SIZE) or length - OUT_HEADER_SIZE > slot.reply_size):
+            raise FuseProtocolError(self._bad_reply(slot, used_len, length, error, unique))
         if slot.read_into_data:
             return Reply(unique, slot.opcode, error, length, b"", slot.tag, slot.submitted, now,
                          slot.index, slot.data[:length - OUT_HEADER_SIZE])
-        return Reply(unique, slot.opcode, error, length, data[OUT_HEADER_SIZE:length], slot.tag,
-                     slot.submitted, now, slot.index)
+        return Reply(unique, slot.opcode, error, length, slot.body[:length - OUT_HEADER_SIZE].tobytes(),
+                     slot.tag, slot.submitted, now, slot.index)
+
+    @staticmethod
+    def _bad_reply(slot: _Slot, used_len: int, length: int, error: int, unique: int) -> str:
+        name = _opname(slot.opcode)
+        if unique != slot.unique:
+            return f"{name}: reply unique {unique}, expected {slot.unique}"
+        if length != used_len:
+            return f"{name}: out header len {length} != used length {used_len}"
+        if error > 0 or error < -4095:
+            return f"{name}: error field {error}"
+        if error:
+            return f"{name}: error {error} with {length - OUT_HEADER_SIZE} body bytes"
+        return f"{name}: {length - OUT_HEADER_SIZE} body bytes > {slot.reply_size} offered"
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the device signals the call eventfd (or ``timeout``)."""
@@ -568,7 +605,7 @@ class VirtioFsConnection:
     frontend: Frontend
     memory: FakeGuestMemory
     channels: list[RingChannel]
-    drivers: list[Driver]
+    drivers: list[SlotDriver]
     backend_queues: int | None
     init_out: InitOut | None = None
     lookups: dict[int, int] = field(default_factory=dict)
@@ -597,7 +634,7 @@ class VirtioFsConnection:
             event_idx = bool(frontend.features & (1 << vm.VIRTIO_RING_F_EVENT_IDX))
             drivers, channels = [], []
             for q in range(nq):
-                drv = Driver(memory, queue_size, event_idx=event_idx)
+                drv = SlotDriver(memory, queue_size, event_idx=event_idx)
                 vring = frontend.start_vring(q, queue_size, drv.desc_uva, drv.avail_uva, drv.used_uva)
                 if event_idx:
                     drv.set_used_event(0)
@@ -607,6 +644,9 @@ class VirtioFsConnection:
                                             depth=depth if q else 4, data_size=data_size if q else 0,
                                             body_size=body_size if q else 4096, uid=uid, gid=gid,
                                             pid=os.getpid()))
+            # A request with a reply is a barrier: the backend has handled every earlier
+            # message (they carry no ack), so no kick can reach a ring it has not enabled yet.
+            frontend.get_u64(vm.Request.GET_FEATURES)
             return cls(frontend, memory, channels, drivers, backend_queues)
         except BaseException:
             frontend.close()
@@ -722,5 +762,5 @@ def _connect(path: str, timeout: float) -> Frontend:
 
 
 __all__ = [n for n in dir() if n.startswith(("encode_", "decode_"))] + [
-    "Op", "Reply", "RingChannel", "VirtioFsConnection", "FuseError", "FuseProtocolError",
+    "Op", "Reply", "RingChannel", "SlotDriver", "VirtioFsConnection", "FuseError", "FuseProtocolError",
     "BackendCapabilityError", "Entry", "Attr", "DirentPlus", "InitOut", "in_header"]

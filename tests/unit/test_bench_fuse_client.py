@@ -9,7 +9,7 @@ import pytest
 
 from vhostfs.fuse import abi
 from tests.support import fuse_client as fc
-from tests.support.driver import Driver, FakeGuestMemory
+from tests.support.driver import FakeGuestMemory
 
 
 # -- codec -----------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_decode_readdir():
 @pytest.fixture
 def ring():
     mem = FakeGuestMemory([(0, 16 << 20)])
-    drv = Driver(mem, 64, event_idx=True)
+    drv = fc.SlotDriver(mem, 64, event_idx=True)
     q = drv.device_queue()
     call_r = os.eventfd(0, os.EFD_NONBLOCK)
     kicks = []

@@ -61,7 +61,8 @@ def test_ratios_only_for_identical_cells():
     rows = {(x["queues"], x["depth"]): x for x in report.ratios(results, "vhostfs",
                                                                   ["virtiofsd-rust", "virtiofsd-c"])}
     a = rows[(1, 32)]
-    assert a["virtiofsd-rust"] == {"ops": 0.8, "cpu_per_op": 3.0, "peak_rss": 2.0}
+    assert a["virtiofsd-rust"] == {"ops": 0.8, "cpu_per_op": 3.0, "peak_rss": 2.0,
+                                   "ref_loadgen_bound": False}
     assert a["virtiofsd-c"]["ops"] == 0.4
     assert a["target"] == 0.8 and a["target_met"] is True
     assert rows[(1, 1)]["target_met"] is False          # 0.5 < 0.6
@@ -107,3 +108,20 @@ def test_write_outputs(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["backend"] == "vhostfs"
     assert (tmp_path / "results.md").read_text().startswith("# vhostfs benchmark")
     assert paths["png"].endswith("results.png") or paths["png"].startswith("not written")
+
+
+def test_ratio_flags_a_reference_capped_by_the_load_generator():
+    results = [_r("vhostfs", ops=50), dict(_r("virtiofsd-rust", ops=100), loadgen_cpu_pct=97.0)]
+    [row] = report.ratios(results, "vhostfs", ["virtiofsd-rust"])
+    assert row["virtiofsd-rust"]["ref_loadgen_bound"] is True
+    assert "0.50x†" in report.markdown(_doc(results))
+
+
+def test_rss_slope_uses_the_second_half_and_labels_extrapolation():
+    curve = [(5000, 30.0), (10000, 35.0), (15000, 40.0), (20000, 45.0)]
+    got = report.rss_slope(20.0, curve, 100_000)
+    assert math.isclose(got["rss_mib_per_1000_inodes"], 1.0)
+    assert math.isclose(got["rss_extrapolated_mib"], 125.0)
+    assert "rss_extrapolated_mib" not in report.rss_slope(20.0, curve, 20_000)
+    assert report.rss_slope(20.0, [], 10) == {}
+    assert math.isclose(report.rss_slope(20.0, [(4000, 24.0)], 4000)["rss_mib_per_1000_inodes"], 1.0)
