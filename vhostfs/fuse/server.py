@@ -108,6 +108,7 @@ class FuseServer(ExtendedOps):
             (O.FSYNCDIR, self._fsyncdir), (O.ACCESS, self._access), (O.CREATE, self._create),
             (O.DESTROY, self._destroy), (O.BATCH_FORGET, self._batch_forget),
             (O.READDIRPLUS, self._readdirplus), (O.RENAME2, self._rename2),
+            (O.SETUPMAPPING, self._setupmapping), (O.REMOVEMAPPING, self._removemapping),
         ):
             table[op] = fn
         self._register_extended(table)
@@ -229,7 +230,8 @@ class FuseServer(ExtendedOps):
         out = abi.fuse_init_out.pack(
             abi.KERNEL_VERSION, out_minor, max_readahead, agreed & 0xFFFFFFFF,
             self.max_background, self.congestion_threshold, self.max_write, self.time_gran,
-            self.max_pages if agreed & abi.FUSE_MAX_PAGES else 0, 0,
+            self.max_pages if agreed & abi.FUSE_MAX_PAGES else 0,
+            self.fs.map_alignment if agreed & abi.FUSE_MAP_ALIGNMENT else 0,
             (agreed >> 32) & 0xFFFFFFFF, *([0] * 7))
         with self._lock:
             self.proto_minor = out_minor
@@ -391,6 +393,23 @@ class FuseServer(ExtendedOps):
     def _fsync(self, ctx, nodeid, body, reader, writer):
         fh, fsync_flags, _ = _struct(body, abi.fuse_fsync_in)
         self.fs.fsync(ctx, nodeid, fh, bool(fsync_flags & abi.FUSE_FSYNC_FDATASYNC))
+        return b""
+
+    # --- DAX window (fuse.h 7.31; docs/dax.md) ---------------------------------------------
+    def _setupmapping(self, ctx, nodeid, body, reader, writer):
+        fh, foffset, length, flags, moffset = _struct(body, abi.fuse_setupmapping_in)
+        self.fs.setupmapping(ctx, nodeid, fh, foffset, length, flags, moffset)
+        return b""
+
+    def _removemapping(self, ctx, nodeid, body, reader, writer):
+        (count,) = _struct(body, abi.fuse_removemapping_in)
+        one = abi.fuse_removemapping_one
+        start = abi.fuse_removemapping_in.size
+        if count == 0 or count > abi.FUSE_REMOVEMAPPING_MAX_ENTRY:
+            raise _einval(f"REMOVEMAPPING count {count} not in 1..{abi.FUSE_REMOVEMAPPING_MAX_ENTRY}")
+        if len(body) != start + count * one.size:
+            raise _einval(f"REMOVEMAPPING of {count} entries in a {len(body)}-byte body")
+        self.fs.removemapping(ctx, [one.unpack_from(body, start + i * one.size) for i in range(count)])
         return b""
 
     # --- directories ----------------------------------------------------------------------

@@ -41,7 +41,8 @@ PROTOCOL_FEATURES = sum(1 << bit for bit in (
 # Requests whose reply is part of the protocol, not a REPLY_ACK (vhost-user.rst,
 # "Communication"): a failure we cannot encode in the reply closes the connection.
 EXPLICIT_REPLY = frozenset({R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE,
-                            R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS, R.GET_CONFIG})
+                            R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS, R.GET_CONFIG,
+                            R.GET_SHMEM_CONFIG})
 
 
 class DeviceHooks(Protocol):
@@ -102,7 +103,8 @@ class VhostUserDevice:
     """Server side of vhost-user for a virtio-fs device (QEMU vhost-user-fs-pci)."""
 
     def __init__(self, hooks: DeviceHooks, *, tag: str | None, num_request_queues: int,
-                 max_mem_slots: int = 509, queue_factory=None) -> None:
+                 max_mem_slots: int = 509, queue_factory=None, dax=None,
+                 shmem_bit: int = m.SHMEM_BIT_QEMU) -> None:
         if not 1 <= num_request_queues <= m.VRING_IDX_MASK:
             raise ConfigError(f"num_request_queues must be 1..{m.VRING_IDX_MASK}, got {num_request_queues}")
         if tag is not None:
@@ -118,6 +120,15 @@ class VhostUserDevice:
         self.protocol_features = PROTOCOL_FEATURES | ((1 << PF.CONFIG) if tag is not None else 0)
         self.config_space = (m.VIRTIO_FS_CONFIG.pack(tag.encode(), num_request_queues)
                              if tag is not None else b"")
+        # DAX (docs/dax.md): ``dax`` is a vhostfs.dax.DaxManager; its window is shared
+        # memory region 0, announced with the SHMEM protocol feature and GET_SHMEM_CONFIG.
+        if shmem_bit not in m.SHMEM_BITS:
+            raise ConfigError(f"SHMEM protocol feature bit must be one of {m.SHMEM_BITS}, got {shmem_bit}")
+        self.dax = dax
+        self.shmem_bit = shmem_bit
+        self.backend_channel = None
+        if dax is not None:
+            self.protocol_features |= 1 << shmem_bit
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
@@ -210,21 +221,25 @@ class VhostUserDevice:
     def _reset_owner(self, msg: Message) -> None:
         # Deprecated; vhost-user.rst recommends ignoring it or disabling all rings.
         p.decode_empty(msg)
+        self._close_gate("RESET_OWNER")
         for ring in self.rings:
             self._stop(ring)
             ring.enabled = False
+        self._dax_reset()
 
     def _reset_device(self, msg: Message) -> None:
         # vhost-user.rst RESET_DEVICE: disable all rings and reset device state; the
         # frontend keeps ownership, and its memory table stays (QEMU only sends table
         # differences after a reset when CONFIGURE_MEM_SLOTS is in use).
         p.decode_empty(msg)
+        self._close_gate("RESET_DEVICE")
         for ring in self.rings:
             self._stop(ring)
             ring.close_fds()
         self.rings = [Vring(i) for i in range(self.num_queues)]
         self.acked_features = 0
         self.hooks.reset()
+        self._dax_reset()
         log.info("device reset by the frontend")
 
     def _get_queue_num(self, msg: Message) -> bytes:
@@ -307,6 +322,47 @@ class VhostUserDevice:
         p.expect_fds(msg, 1)
         _close(self.backend_req_fd)
         self.backend_req_fd = msg.take_fd()
+        self._replace_backend_channel()
+
+    # -- DAX: shared memory region and the backend channel (docs/dax.md) ----------------
+    def _replace_backend_channel(self) -> None:
+        old, self.backend_channel = self.backend_channel, None
+        if self.dax is not None:
+            self.dax.set_channel(None)
+        if old is not None:
+            old.close()
+        if self.dax is None or self.backend_req_fd is None:
+            return
+        if not self._has_protocol(self.shmem_bit):
+            log.warning("DAX window configured but the frontend did not accept the SHMEM "
+                        "protocol feature; mappings will fail", bit=self.shmem_bit)
+            return
+        if not self._has_protocol(PF.REPLY_ACK):
+            log.warning("DAX needs REPLY_ACK to learn whether a map succeeded; mappings will fail")
+            return
+        from vhostfs.vhost_user.backend_channel import BackendChannel
+        channel = BackendChannel(os.dup(self.backend_req_fd))
+        if any(ring.running for ring in self.rings):
+            channel.open_gate()
+        self.backend_channel = channel
+        self.dax.set_channel(channel)
+
+    def _close_gate(self, why: str) -> None:
+        if self.backend_channel is not None:
+            self.backend_channel.close_gate(why)
+
+    def _dax_reset(self) -> None:
+        if self.dax is not None:
+            self.dax.reset()
+
+    def _get_shmem_config(self, msg: Message) -> bytes:
+        p.decode_empty(msg)
+        if self.dax is None:
+            raise MessageError(f"{msg.name}: no shared memory regions (no DAX window configured)")
+        sizes = [0] * m.MAX_SHMEM_REGIONS
+        sizes[0] = self.dax.size          # VIRTIO_FS_SHMCAP_ID_CACHE
+        log.info("DAX window announced", size=hex(self.dax.size))
+        return p.encode_reply(msg.request, m.SHMEM_CONFIG.pack(1, 0, *sizes))
 
     # -- device configuration space (virtio 1.2 §5.11.4) ---------------------------------
     def _get_config(self, msg: Message) -> bytes:
@@ -459,12 +515,17 @@ class VhostUserDevice:
             raise MessageError(f"ring {ring.index}: cannot start: {exc}") from None
         self.hooks.start_queue(ring.index, queue, ring.kick_fd, ring.call_fd)
         ring.running, ring.queue = True, queue
+        if self.backend_channel is not None:
+            self.backend_channel.open_gate()
         log.debug("ring started", ring=ring.index, size=ring.num, base=ring.base)
 
     def _stop(self, ring: Vring) -> None:
         """Stop a running ring; its last_avail_idx becomes the ring's base."""
         if not ring.running:
             return
+        # No SHMEM_* once a ring stops (QEMU 11.1 segfaults on them after a stop or
+        # reset), and a worker waiting for a map reply must not hold up the drain.
+        self._close_gate(f"ring {ring.index} stopped")
         last = self.hooks.stop_queue(ring.index)
         if last is None:
             last = ring.queue.last_avail_idx
@@ -473,12 +534,22 @@ class VhostUserDevice:
 
     def shutdown(self) -> None:
         """End of the connection: stop every ring, then close every fd we hold."""
+        self._close_gate("disconnected")
         for ring in self.rings:
             try:
                 self._stop(ring)
             except Exception:
                 log.exception("error stopping ring at shutdown", ring=ring.index)
             ring.close_fds()
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+        if self.dax is not None:
+            self.dax.set_channel(None)
+            try:
+                self._dax_reset()
+            except Exception:
+                log.exception("error clearing the DAX window at shutdown")
         for fd in (self.log_fd, self.backend_req_fd):
             _close(fd)
         self.log_fd = self.backend_req_fd = None

@@ -69,6 +69,18 @@ class Request(enum.IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    GET_SHMEM_CONFIG = 44
+
+
+class BackendRequest(enum.IntEnum):
+    """Back-end message types sent on the backend channel (vhost-user.rst, "Back-end
+    message types"); SHMEM_MAP/UNMAP as merged for QEMU 11.1 (dax.md §2.2)."""
+    NONE = 0
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    SHMEM_MAP = 9
+    SHMEM_UNMAP = 10
 
 
 def request_name(request: int) -> str:
@@ -100,6 +112,13 @@ class ProtocolFeature(enum.IntEnum):
     STATUS = 16
 
 
+# VHOST_USER_PROTOCOL_F_SHMEM moved while under review (dax.md §2.2): 22 in QEMU 11.1.3
+# (verified) and crosvm; 21 in rust-vmm vhost 0.16 and alioth.  Configurable, not an enum.
+SHMEM_BIT_QEMU = 22
+SHMEM_BIT_RUST_VMM = 21
+SHMEM_BITS = (SHMEM_BIT_RUST_VMM, SHMEM_BIT_QEMU)
+
+
 # -- virtio / vhost feature bits ---------------------------------------------------------
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
@@ -119,6 +138,14 @@ LOG = struct.Struct("<QQ")                         # mmap_size, mmap_offset
 CONFIG_HEADER = struct.Struct("<III")              # offset, size, flags
 CONFIG_FLAG_WRITABLE = 0
 CONFIG_FLAG_MIGRATION = 1
+
+# VhostUserMMap (40 bytes): u8 shmid, u8 padding[7], u64 fd_offset, shm_offset, len, flags
+SHMEM_MMAP = struct.Struct("<B7xQQQQ")
+SHMEM_MAP_READ_ONLY = 0
+SHMEM_MAP_READ_WRITE = 1
+# VhostUserShMemConfig (2056 bytes): u32 nregions, u32 padding, u64 memory_sizes[256]
+MAX_SHMEM_REGIONS = 256
+SHMEM_CONFIG = struct.Struct("<II256Q")
 
 # SET_VRING_KICK/CALL/ERR u64: bits 0-7 index, bit 8 "no fd in the ancillary data".
 VRING_IDX_MASK = 0xFF
