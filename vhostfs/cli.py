@@ -12,7 +12,7 @@ import sys
 import click
 
 from vhostfs import __version__
-from vhostfs.config import CACHE_POLICIES, LOG_LEVELS, Config
+from vhostfs.config import CACHE_POLICIES, LOG_LEVELS, Config, parse_size
 from vhostfs.errors import ConfigError
 from vhostfs.guestrun.cli import guest_run
 
@@ -29,9 +29,17 @@ from vhostfs.guestrun.cli import guest_run
 @click.option("--cache", type=click.Choice(CACHE_POLICIES), default="auto", show_default=True,
               help="Guest caching policy for metadata and data.")
 @click.option("--readonly", is_flag=True, help="Refuse every request that would modify the shared directory.")
+@click.option("--dax-window", metavar="SIZE", default=None,
+              help="DAX cache window size (e.g. 64M; a multiple of 2 MiB); needs QEMU 11.1's "
+              "vhost-user-test-device-pci.")
+@click.option("--dax-shmem-bit", type=click.Choice(["21", "22"]), default="22", show_default=True,
+              help="SHMEM protocol feature bit: 22 (QEMU 11.1, crosvm) or 21 (rust-vmm 0.16, alioth).")
+@click.option("--dax-inode-min-size", metavar="SIZE", default="0", show_default=True,
+              help="With -o dax=inode: files of at least SIZE bytes use DAX.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
-def main(ctx, socket_path, fd, shared_dir, tag, log_level, log_format, thread_pool_size, cache, readonly):
+def main(ctx, socket_path, fd, shared_dir, tag, log_level, log_format, thread_pool_size, cache, readonly,
+         dax_window, dax_shmem_bit, dax_inode_min_size):
     """Serve SHARED_DIR to a QEMU guest as a virtio-fs device (vhost-user backend)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -48,6 +56,8 @@ def main(ctx, socket_path, fd, shared_dir, tag, log_level, log_format, thread_po
             shared_dir=os.path.abspath(shared_dir), socket_path=socket_path, fd=fd, tag=tag,
             log_level=log_level, log_format=log_format, thread_pool_size=thread_pool_size,
             cache=cache, readonly=readonly,
+            dax_window=parse_size(dax_window) if dax_window else 0, dax_shmem_bit=int(dax_shmem_bit),
+            dax_inode_min_size=parse_size(dax_inode_min_size),
         ).validate()
         sys.exit(Daemon(config).run())
     except ConfigError as exc:

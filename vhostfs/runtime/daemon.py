@@ -32,8 +32,18 @@ class Terminate(Exception):
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.fs = PassthroughFs(config.shared_dir, readonly=config.readonly, cache=config.cache,
-                                **config.fs_options)
+        self.dax = None
+        if getattr(config, "dax_window", 0):
+            from vhostfs.dax import DaxManager
+            from vhostfs.fs.passthrough.dax import DaxPassthroughFs
+            self.dax = DaxManager(config.dax_window)
+            self.fs = DaxPassthroughFs(config.shared_dir, dax=self.dax,
+                                       dax_inode_min_size=config.dax_inode_min_size,
+                                       readonly=config.readonly, cache=config.cache,
+                                       **config.fs_options)
+        else:
+            self.fs = PassthroughFs(config.shared_dir, readonly=config.readonly, cache=config.cache,
+                                    **config.fs_options)
         self.server = FuseServer(self.fs)
         # FUSE_INTERRUPT (hiprio queue) cancels a blocking request on any request queue.
         self.interrupts = InterruptRegistry()
@@ -101,7 +111,8 @@ class Daemon:
         hooks.  GET_QUEUE_NUM reports 1 + ``num_request_queues``: the most request
         queues a frontend may start, each then gets its own thread and pool."""
         return VhostUserDevice(self, tag=self.config.tag,
-                               num_request_queues=self.config.num_request_queues)
+                               num_request_queues=self.config.num_request_queues,
+                               dax=self.dax, shmem_bit=getattr(self.config, "dax_shmem_bit", 22))
 
     def _listener(self) -> socket.socket:
         if self.config.fd is not None:
