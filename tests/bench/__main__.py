@@ -2,17 +2,19 @@
 
 Settings (command-line options override the environment):
   BENCH_QUICK=1           ~2 minute smoke: 1 s per cell, 20,000-inode RSS item
-  BENCH_SECONDS, BENCH_WARMUP   measured / warm-up seconds per cell (default 4 / 0.5)
+  BENCH_SECONDS, BENCH_WARMUP   measured / warm-up seconds per cell (default 6 / 0.5)
   BENCH_BACKENDS          comma list of vhostfs, virtiofsd-rust, virtiofsd-c (default: all)
   BENCH_WORKLOADS         comma list of workload names (default: all)
   BENCH_QUEUES, BENCH_DEPTHS    comma lists (default 1,4 and 1,32)
   BENCH_RSS_INODES        inodes for the RSS item (default 100000; 0 skips it)
   BENCH_OUT               output directory (default out/bench)
+--report-only out/bench/results.json rewrites the Markdown and the chart without measuring.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -47,9 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rss-inodes", type=int, default=int(os.environ.get("BENCH_RSS_INODES", -1)))
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", str(REPO / "out" / "bench")))
     ap.add_argument("--keep-workdir", action="store_true")
+    ap.add_argument("--report-only", metavar="RESULTS_JSON",
+                    help="measure nothing: rewrite results.md and the chart from a results.json")
     a = ap.parse_args(argv)
     if a.seconds <= 0:
-        a.seconds = 1.0 if a.quick else 4.0
+        a.seconds = 1.0 if a.quick else 6.0
     if a.warmup < 0:
         a.warmup = 0.25 if a.quick else 0.5
     if a.rss_inodes < 0:
@@ -59,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.report_only:
+        with open(a.report_only) as f:
+            doc = json.load(f)
+        paths = report.write_outputs(doc, a.out)
+        print(report.markdown(doc))
+        print(f"bench: wrote {paths['md']}, chart: {paths['png']}", file=sys.stderr)
+        return 0
     workloads = [w for w in a.workloads.split(",") if w]
     for w in workloads:
         if w not in WORKLOADS:

@@ -197,32 +197,30 @@ class BackendProcess:
             total += sum(int(x) for x in fields[11:15])
         return total / CLK_TCK
 
-    def peak_rss_kib(self) -> int:
-        """Sum of VmHWM over the process tree, in KiB."""
+    def _status_kib(self, key: str) -> int:
+        """Sum of one /proc/PID/status field (in kB) over the process tree."""
         total = 0
         for pid in self.tree():
             try:
                 with open(f"/proc/{pid}/status") as f:
                     for line in f:
-                        if line.startswith("VmHWM:"):
+                        if line.startswith(key):
                             total += int(line.split()[1])
                             break
             except OSError:
                 continue
         return total
 
+    def peak_rss_kib(self) -> int:
+        """VmHWM: peak resident set, including the guest RAM pages the backend touched."""
+        return self._status_kib("VmHWM:")
+
     def rss_kib(self) -> int:
-        total = 0
-        for pid in self.tree():
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            total += int(line.split()[1])
-                            break
-            except OSError:
-                continue
-        return total
+        return self._status_kib("VmRSS:")
+
+    def anon_rss_kib(self) -> int:
+        """RssAnon: the backend's private memory now (guest RAM is shared memfd: not in it)."""
+        return self._status_kib("RssAnon:")
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """Wait for the exit a closed connection causes; SIGTERM, then SIGKILL, our own child."""

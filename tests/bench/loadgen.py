@@ -51,6 +51,7 @@ class CellResult:
     loadgen_cpu_pct: float = 0.0
     other_cpu_pct: float | None = None     # the rest of the machine during the window
     peak_rss_mib: float | None = None
+    anon_rss_mib: float | None = None       # RssAnon at the end of the window
     kicks_per_op: float | None = None
     status: str = "ok"          # ok | unsupported | error
     detail: str = ""
@@ -210,6 +211,7 @@ def run_cell(spec: BackendSpec, cell: Cell, wl: Workload, *, workdir: str, share
         conn.init()
         wl.setup(conn, cell.queues * cell.depth)
         m = _drive(conn, wl, cell.depth, warmup=warmup, seconds=seconds, proc=proc)
+        res.anon_rss_mib = proc.anon_rss_kib() / 1024
         wl.teardown(conn)
         res.peak_rss_mib = proc.peak_rss_kib() / 1024
         res.ops = m["ops"]
@@ -262,6 +264,7 @@ def run_rss(spec: BackendSpec, count: int, *, workdir: str, shared: str, depth: 
         out["inodes_looked_up"] = wl.done
         out["rss_mib"] = proc.rss_kib() / 1024
         out["peak_rss_mib"] = proc.peak_rss_kib() / 1024
+        out["anon_rss_mib"] = proc.anon_rss_kib() / 1024
         if wl.done and (not curve or curve[-1][0] != wl.done):
             curve.append((wl.done, out["rss_mib"]))
         out["rss_curve"] = curve            # measured (inodes, RSS MiB) points

@@ -132,7 +132,10 @@ def markdown(doc: dict) -> str:
               f"{env['warmup']} s warm-up; depth = requests in flight per request queue; an op is "
               "one FUSE request on a request queue (FORGETs go to hiprio, uncounted). "
               "Latency is submit-to-reap in the load generator; CPU/op is the backend process "
-              "tree's utime+stime over the window divided by the ops; peak RSS is VmHWM. "
+              "tree's utime+stime over the window divided by the ops; peak RSS is VmHWM, which counts "
+              "the guest-RAM pages the backend touched (up to depth x queues x 1 MiB for the 1 MiB "
+              "workloads); anon RSS is RssAnon at the end of the window, the backend's private "
+              "memory. "
               "Load-generator CPU near 100% means the (Python, single-thread) load generator, not "
               "the backend, bounds the throughput of that cell; other load is the rest of the machine "
               "(e.g. other users' QEMU) during the window, in % of one CPU.", ""]
@@ -143,7 +146,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"- not run: **{name}**: {cell_text(why, 300)}")
     lines.append("")
     header = ["workload", "q", "depth", "backend", "ops/s", "MiB/s", "p50 µs", "p99 µs",
-              "CPU µs/op", "backend CPU %", "loadgen CPU %", "other load %", "peak RSS MiB", "status"]
+              "CPU µs/op", "backend CPU %", "loadgen CPU %", "other load %", "peak RSS MiB",
+              "anon RSS MiB", "status"]
     rows = []
     order = {b: i for i, b in enumerate(backends)}
     for r in sorted(results, key=lambda r: (doc["workload_order"].index(r["workload"]),
@@ -154,7 +158,7 @@ def markdown(doc: dict) -> str:
                      fmt(r["p50_us"], 1), fmt(r["p99_us"], 1), fmt(r["cpu_us_per_op"], 1),
                      fmt(r["backend_cpu_pct"]) if ok else "-", fmt(r["loadgen_cpu_pct"]) if ok else "-",
                      fmt(r.get("other_cpu_pct")) if ok else "-",
-                     fmt(r["peak_rss_mib"], 1), _status(r)])
+                     fmt(r["peak_rss_mib"], 1), fmt(r.get("anon_rss_mib"), 1), _status(r)])
     lines += ["## Per backend and cell", ""] + _table(header, rows) + [""]
     rat = doc.get("ratios") or []
     if rat and refs:
@@ -180,12 +184,13 @@ def markdown(doc: dict) -> str:
         lines += ["## RSS after N distinct LOOKUPs (issue 7 target for vhostfs: < 150 MiB at 100,000)", ""]
         rows = [[x["backend"], fmt(x.get("inodes_wanted")), fmt(x.get("inodes_looked_up")),
                  fmt(x.get("rss_after_init_mib"), 1), fmt(x.get("rss_mib"), 1), fmt(x.get("peak_rss_mib"), 1),
+                 fmt(x.get("anon_rss_mib"), 1),
                  fmt(x.get("rss_mib_per_1000_inodes"), 2),
                  ("~" + fmt(x["rss_extrapolated_mib"], 0)) if "rss_extrapolated_mib" in x else "-",
                  fmt(x.get("open_fds")), " / ".join(x.get("nofile_limit", [])) or "-",
                  _status(x)] for x in rss]
         lines += _table(["backend", "wanted", "looked up", "RSS after INIT MiB", "RSS MiB",
-                         "peak RSS MiB", "MiB / 1,000 inodes", "estimate at wanted MiB",
+                         "peak RSS MiB", "anon RSS MiB", "MiB / 1,000 inodes", "estimate at wanted MiB",
                          "open fds", "nofile soft / hard", "status"], rows) + [""]
         if any("rss_extrapolated_mib" in x for x in rss):
             lines += ["The estimate column is a linear extrapolation of the measured slope (second "
