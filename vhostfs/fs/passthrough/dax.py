@@ -19,6 +19,9 @@ import stat
 from vhostfs.fs import api
 from vhostfs.fs.api import Attr, Context, Entry, SetAttr, WriteSource
 from vhostfs.fs.passthrough.filesystem import PassthroughFs
+from vhostfs.log import get_logger
+
+log = get_logger("vhostfs.dax")
 
 NO_HANDLE = (1 << 64) - 1
 DAX_MAP_ALIGNMENT = 21
@@ -72,11 +75,21 @@ class DaxPassthroughFs(PassthroughFs):
     # --- data ----------------------------------------------------------------------------
     def write(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int,
               source: WriteSource, write_flags: int) -> int:
+        # With DAX the guest sends WRITE only for writes that extend the file (dax.c
+        # file_extending_write) and O_DIRECT ones; the others go through the window.
         self.dax.flush_inode(nodeid)
         try:
-            return super().write(ctx, nodeid, fh, offset, size, source, write_flags)
+            n = super().write(ctx, nodeid, fh, offset, size, source, write_flags)
         finally:
             self.dax.file_changed(nodeid)
+        try:
+            extends = offset + n >= os.fstat(self.handles.file(fh).fd).st_size
+        except OSError:
+            extends = False
+        if extends:
+            log.info("extending WRITE (not through the DAX window)", nodeid=nodeid,
+                     offset=offset, size=n)
+        return n
 
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
         self.dax.flush_inode(nodeid)
