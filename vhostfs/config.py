@@ -1,7 +1,9 @@
 """Daemon configuration: plain values and their validation, no I/O.
 
 Option names follow virtiofsd (1.13) where the feature is the same; each error names
-the option at fault.
+the option at fault.  This module also knows virtiofsd's legacy ``-o`` compat syntax
+(:func:`parse_compat`) and which virtiofsd filesystem options map to which
+``PassthroughFs`` parameter (:data:`FS_OPTIONS`, :func:`resolve_fs_options`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ from vhostfs.errors import ConfigError
 
 CACHE_POLICIES = ("never", "metadata", "auto", "always")
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
+LOG_FORMATS = ("console", "json")
+SANDBOX_MODES = ("namespace", "chroot", "none")
+SECCOMP_ACTIONS = ("none", "kill", "log", "trap")
+INODE_FILE_HANDLES = ("never", "prefer", "fallback", "mandatory")
+MIGRATION_MODES = ("find-paths", "file-handles")
+MIGRATION_ON_ERROR = ("abort", "guest-error")
 # The virtio-fs config space holds the tag in 36 bytes (virtio 1.2 §5.11.4).
 TAG_MAX = 36
 # GET_QUEUE_NUM limit we report; each request queue gets its own thread and pool.
@@ -39,10 +47,13 @@ class Config:
     tag: str | None = None
     log_level: str = "info"
     log_format: str = "console"
+    syslog: bool = False
     thread_pool_size: int = 4
     cache: str = "auto"
     readonly: bool = False
     num_request_queues: int = 1
+    socket_group: str | None = None
+    rlimit_nofile: int | None = None   # None: raise the soft limit to the hard one; 0: leave
     # Extra PassthroughFs keyword arguments (virtiofsd filesystem options that vhostfs
     # implements: the CLI fills it only with parameters PassthroughFs really has).
     fs_options: dict = dataclasses.field(default_factory=dict)
@@ -66,7 +77,15 @@ class Config:
         if self.dax_inode_min_size < 0:
             raise ConfigError(f"--dax-inode-min-size: expected >= 0, got {self.dax_inode_min_size}")
         if (self.socket_path is None) == (self.fd is None):
-            raise ConfigError("exactly one of --socket-path or --fd is required")
+            raise ConfigError("exactly one of --socket-path, --fd or socket activation "
+                              "(LISTEN_FDS) is required")
+        if self.socket_path is not None and not self.socket_path:
+            raise ConfigError("--socket-path: empty path")
+        if self.fd is not None and self.fd < 0:
+            raise ConfigError(f"--fd: expected a file descriptor number >= 0, got {self.fd}")
+        if self.socket_group is not None and self.fd is not None:
+            raise ConfigError("--socket-group applies to --socket-path only (with --fd the "
+                              "socket's creator sets its owner)")
         if self.tag is not None:
             raw = self.tag.encode()
             if not raw or len(raw) > TAG_MAX or b"\0" in raw:
@@ -75,10 +94,145 @@ class Config:
             raise ConfigError(f"--cache: expected one of {', '.join(CACHE_POLICIES)}, got {self.cache!r}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format: expected one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.thread_pool_size < 0 or self.thread_pool_size > 1024:
             raise ConfigError(f"--thread-pool-size: expected 0..1024, got {self.thread_pool_size}")
         if not 1 <= self.num_request_queues <= MAX_REQUEST_QUEUES:
             raise ConfigError(
                 f"--num-request-queues: expected 1..{MAX_REQUEST_QUEUES}, got {self.num_request_queues}"
             )
+        if self.rlimit_nofile is not None and self.rlimit_nofile < 0:
+            raise ConfigError(f"--rlimit-nofile: expected >= 0, got {self.rlimit_nofile}")
         return self
+
+
+# --- virtiofsd's legacy "-o a,b=c" options ---------------------------------------------
+
+#: ``-o KEY=VALUE``: KEY -> (option name in :func:`parse_compat`'s result, allowed values
+#: mapped to the long option's value; None = any value).  As virtiofsd 1.13 reads them.
+_COMPAT_TUPLES: dict[str, tuple[str, dict[str, str] | None]] = {
+    "source": ("shared_dir", None),
+    "cache": ("cache", {"auto": "auto", "always": "always", "none": "never",
+                        "metadata": "metadata"}),
+    "loglevel": ("log_level", {"debug": "debug", "info": "info", "warn": "warn",
+                               "err": "error"}),
+    "sandbox": ("sandbox", {"namespace": "namespace", "chroot": "chroot"}),
+    "xattrmap": ("xattrmap", None),
+    "modcaps": ("modcaps", None),
+}
+#: ``-o FLAG``: FLAG -> (option name, value).
+_COMPAT_FLAGS: dict[str, tuple[str, object]] = {
+    "xattr": ("xattr", True), "no_xattr": ("xattr", False),
+    "readdirplus": ("readdirplus", True), "no_readdirplus": ("readdirplus", False),
+    "writeback": ("writeback", True), "no_writeback": ("writeback", False),
+    "allow_direct_io": ("allow_direct_io", True), "no_allow_direct_io": ("allow_direct_io", False),
+    "announce_submounts": ("announce_submounts", True),
+    "killpriv_v2": ("killpriv_v2", True), "no_killpriv_v2": ("killpriv_v2", False),
+    "posix_acl": ("posix_acl", True), "no_posix_acl": ("posix_acl", False),
+    "security_label": ("security_label", True), "no_security_label": ("security_label", False),
+    # virtiofsd accepts these two and has no locks; vhostfs checks them like any option.
+    "no_posix_lock": ("posix_lock", False), "no_flock": ("flock", False),
+}
+
+
+def parse_compat(values: list[str] | tuple[str, ...]) -> dict[str, object]:
+    """``-o`` arguments (each a comma-separated list) -> {option name: value}.
+
+    Later items win, as in virtiofsd.  Unknown items and values fail naming the item.
+    """
+    out: dict[str, object] = {}
+    for line in values:
+        for item in line.split(","):
+            if "=" in item:
+                key, _, value = item.partition("=")
+                if key not in _COMPAT_TUPLES:
+                    raise ConfigError(f"-o {item}: unknown compat option")
+                name, allowed = _COMPAT_TUPLES[key]
+                if allowed is not None:
+                    if value not in allowed:
+                        raise ConfigError(f"-o {key}: invalid value {value!r} (expected one of "
+                                          f"{', '.join(allowed)})")
+                    value = allowed[value]
+                elif not value:
+                    raise ConfigError(f"-o {key}: empty value")
+                out[name] = value
+            else:
+                if item not in _COMPAT_FLAGS:
+                    raise ConfigError(f"-o {item}: unknown compat option")
+                name, flag = _COMPAT_FLAGS[item]
+                out[name] = flag
+    return out
+
+
+# --- virtiofsd filesystem options -> PassthroughFs parameters ---------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FsOption:
+    """A virtiofsd option that configures the filesystem.
+
+    ``kwarg`` is the ``PassthroughFs`` parameter that implements it.  ``builtin`` is what
+    vhostfs does when PassthroughFs has no such parameter: asking for exactly that is
+    honest and accepted; asking for anything else fails as not supported yet.
+    """
+    flag: str
+    kwarg: str
+    builtin: object
+
+
+FS_OPTIONS: dict[str, FsOption] = {o.kwarg: o for o in (
+    FsOption("--xattr", "xattr", False),
+    FsOption("--posix-acl", "posix_acl", False),
+    FsOption("--xattrmap", "xattrmap", None),
+    FsOption("--security-label", "security_label", False),
+    FsOption("--killpriv-v2", "killpriv_v2", False),
+    FsOption("--announce-submounts", "announce_submounts", False),
+    FsOption("--inode-file-handles", "inode_file_handles", "never"),
+    FsOption("--allow-mmap", "allow_mmap", False),
+    FsOption("--no-readdirplus", "readdirplus", True),
+    FsOption("--writeback", "writeback", False),
+    FsOption("--allow-direct-io", "allow_direct_io", False),
+    FsOption("--preserve-noatime", "preserve_noatime", True),   # O_NOATIME is passed through
+    FsOption("--translate-uid", "translate_uid", ()),
+    FsOption("--translate-gid", "translate_gid", ()),
+    FsOption("-o no_posix_lock", "posix_lock", False),
+    FsOption("-o no_flock", "flock", False),
+)}
+
+
+def resolve_fs_options(requested: dict[str, object], available: set[str] | frozenset[str],
+                       builtin: dict[str, object] | None = None) -> dict[str, object]:
+    """{PassthroughFs parameter: requested value} -> the keyword arguments to pass.
+
+    ``available``: the parameters PassthroughFs really has.  ``builtin`` overrides
+    :data:`FS_OPTIONS` builtins (tests).  A request PassthroughFs cannot honour raises
+    ``ConfigError("--foo is not supported by vhostfs yet")``.
+    """
+    kwargs: dict[str, object] = {}
+    for kwarg, value in requested.items():
+        opt = FS_OPTIONS[kwarg]
+        if kwarg in available:
+            kwargs[kwarg] = value
+            continue
+        default = (builtin or {}).get(kwarg, opt.builtin)
+        if _normal(value) != _normal(default):
+            raise ConfigError(f"{_spelled(opt, value)} is not supported by vhostfs yet")
+    return kwargs
+
+
+def _normal(value: object) -> object:
+    if value == "fallback":
+        return "prefer"
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _spelled(opt: FsOption, value: object) -> str:
+    if isinstance(value, bool):
+        if opt.flag.startswith("-o "):
+            return opt.flag
+        if opt.flag.startswith("--no-"):
+            return opt.flag if value is False else "--" + opt.flag[5:]
+        return opt.flag if value else "--no-" + opt.flag[2:]
+    if isinstance(value, (list, tuple)):
+        return opt.flag
+    return f"{opt.flag}={value}"

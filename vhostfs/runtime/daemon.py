@@ -126,11 +126,13 @@ class Daemon:
         signal.signal(signal.SIGTERM, terminate)
         signal.signal(signal.SIGINT, terminate)
         listener = self._listener()
-        if self.on_listening is not None:
-            self.on_listening(listener)
-        where = self.config.socket_path or f"fd {self.config.fd}"
-        log.info("waiting for vhost-user frontend", socket=where, shared_dir=self.config.shared_dir)
         try:
+            where = self.config.socket_path or f"fd {self.config.fd}"
+            log.info("waiting for vhost-user frontend", socket=where,
+                     shared_dir=self.config.shared_dir)
+            # Inside the try: a SIGTERM right after readiness still ends cleanly.
+            if self.on_listening is not None:
+                self.on_listening(listener)
             sock, _ = listener.accept()
             listener.close()
             if self.config.socket_path:
