@@ -134,3 +134,47 @@ def setfsgid(gid: int) -> int:
     if lib.vhs_setfsgid(0xFFFFFFFF) != gid:
         raise OSError(1, f"setfsgid({gid}) refused")
     return prev
+
+
+# --- issue 3: fallocate modes, syncfs, per-thread setgroups, file handles (20_fsops.*) ---
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode (FALLOC_FL_*); Python's os only has mode 0."""
+    if lib.vhs_fallocate(fd, mode, offset, length) < 0:
+        _fail("fallocate")
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): flush the filesystem holding ``fd``."""
+    if lib.vhs_syncfs(fd) < 0:
+        _fail("syncfs")
+
+
+def setgroups_thread(groups) -> None:
+    """Set the calling thread's supplementary groups (raw syscall: this thread only)."""
+    groups = list(groups)
+    arr = ffi.new("uint32_t[]", groups or [0])
+    if lib.vhs_setgroups_thread(len(groups), arr) < 0:
+        _fail("setgroups")
+
+
+MAX_HANDLE_SZ = 128
+
+
+def name_to_handle_at(dirfd: int, path: bytes | str, flags: int) -> tuple[int, bytes, int]:
+    """name_to_handle_at(2) -> (handle_type, handle bytes, mount_id)."""
+    buf = ffi.new("unsigned char[]", MAX_HANDLE_SZ)
+    htype = ffi.new("int *")
+    mnt = ffi.new("int *")
+    n = lib.vhs_name_to_handle(dirfd, _path(path), flags, buf, MAX_HANDLE_SZ, htype, mnt)
+    if n < 0:
+        _fail("name_to_handle_at")
+    return htype[0], bytes(ffi.buffer(buf, n)), mnt[0]
+
+
+def open_by_handle_at(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
+    """open_by_handle_at(2) (needs CAP_DAC_READ_SEARCH); returns the new fd."""
+    fd = lib.vhs_open_by_handle(mount_fd, handle, len(handle), handle_type, flags)
+    if fd < 0:
+        _fail("open_by_handle_at")
+    return fd

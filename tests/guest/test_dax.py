@@ -32,6 +32,12 @@ MiB = 1 << 20
 WINDOW = 32 * MiB
 SIZES = {"one_byte": 1, "two_mib_minus_1": 2 * MiB - 1, "two_mib": 2 * MiB,
          "two_mib_plus_1": 2 * MiB + 1, "hundred_mib": 100 * MiB}
+# -o dax=inode: files of at least this size get FUSE_ATTR_DAX (the 100 MiB file does not,
+# BIG_DAX does): the same boot compares DAX and non-DAX reads.
+INODE_MIN = 101 * MiB
+BIG_DAX = 102 * MiB
+FITS = 24 * MiB                  # fits the window: read twice, the second read needs no SETUPMAPPING
+BENCH = {}                       # filled by the timing tests, printed at the end
 
 # A static helper the guest runs from the DAX mount (busybox has no mmap tool).
 HELPER_C = r"""
@@ -43,11 +49,25 @@ HELPER_C = r"""
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 static int die(const char *what) { perror(what); return 2; }
 int main(int argc, char **argv) {
     if (argc < 3) return 2;
     const char *cmd = argv[1], *path = argv[2];
+    if (!strcmp(cmd, "readbench")) {                /* read(2) 1 MiB at a time, timed */
+        static char buf[1 << 20];
+        int fd = open(path, O_RDONLY);
+        if (fd < 0) return die("open");
+        struct timespec a, b;
+        long long total = 0, limit = argc > 3 ? atoll(argv[3]) : (1LL << 62);
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (ssize_t n; total < limit && (n = read(fd, buf, sizeof buf)) > 0;) total += n;
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        printf("bytes=%lld ns=%lld\n", total,
+               (b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec));
+        return 0;
+    }
     if (!strcmp(cmd, "isdax")) {
         struct statx stx;
         if (statx(AT_FDCWD, path, 0, STATX_BASIC_STATS, &stx)) return die("statx");
@@ -109,8 +129,9 @@ def _fetch_qemu() -> str:
 
 
 @pytest.fixture(scope="module")
-def dax_guest(tmp_path_factory):
-    from vhostfs.guestrun import GuestRunner, qemu
+def dax_share(tmp_path_factory):
+    """The share (test files, the static mmap helper) and the QEMU 11.1 set-up."""
+    from vhostfs.guestrun import qemu
 
     wrapper = _fetch_qemu()
     share = tmp_path_factory.mktemp("dax-share")
@@ -119,6 +140,9 @@ def dax_guest(tmp_path_factory):
         data = os.urandom(size)
         (share / name).write_bytes(data)
         files[name] = hashlib.sha256(data).hexdigest()
+    (share / "fits").write_bytes(os.urandom(FITS))
+    (share / "big_dax").write_bytes(b"")
+    os.truncate(share / "big_dax", BIG_DAX)
     if shutil.which("gcc") is None:
         pytest.fail("gcc is needed to build the guest's mmap helper (static)")
     src = share / "daxmmap.c"
@@ -127,17 +151,29 @@ def dax_guest(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("VHOSTFS_QEMU", wrapper)
     mp.setattr(qemu, "CONFIG_DIR", REPO / "qemu-configs" / "dax")
-    backend = [sys.executable, "-m", "vhostfs", "--socket-path", "{socket}", "--shared-dir",
-               "{shared_dir}", "--tag", "{tag}", "--log-level", "{log_level}",
-               "--dax-window", str(WINDOW)]
-    runner = GuestRunner(share, tag="daxfs", backend=backend, mount_opts="dax=always",
-                         memory="512M", boot_timeout=180, timeout=300, log_level="info",
-                         kernel=os.environ.get("VHOSTFS_GUEST_KERNEL"))
     try:
-        with runner.session() as session:
-            yield session, share, files
+        yield share, files
     finally:
         mp.undo()
+
+
+def _boot(share, mount_opts: str):
+    from vhostfs.guestrun import GuestRunner
+    backend = [sys.executable, "-m", "vhostfs", "--socket-path", "{socket}", "--shared-dir",
+               "{shared_dir}", "--tag", "{tag}", "--log-level", "{log_level}",
+               "--dax-window", str(WINDOW), "--dax-inode-min-size", str(INODE_MIN)]
+    runner = GuestRunner(share, tag="daxfs", backend=backend, mount_opts=mount_opts,
+                         memory="512M", boot_timeout=180, timeout=300, log_level="info",
+                         kernel=os.environ.get("VHOSTFS_GUEST_KERNEL"))
+    return runner.session()
+
+
+@pytest.fixture(scope="module")
+def dax_guest(dax_share):
+    """The one -o dax=always boot every test but the dax=inode one shares."""
+    share, files = dax_share
+    with _boot(share, "dax=always") as session:
+        yield session, share, files
 
 
 def _sh(session, script: str, timeout: float = 240) -> str:
@@ -213,6 +249,52 @@ def test_extending_writes_go_through_fuse_write(dax_guest):
     assert "extending WRITE" in _backend_log(session)
     out = _sh(session, "/mnt/daxmmap read /mnt/growing 5000 8")
     assert "APPENDED" in out
+
+
+def _mib_per_s(out: str, tag: str, size: int = 100 * MiB) -> float:
+    m = re.search(tag + r" bytes=(\d+) ns=(\d+)", out)
+    assert m, out
+    assert int(m.group(1)) == size, out
+    return int(m.group(1)) / MiB / max(int(m.group(2)) / 1e9, 1e-9)
+
+
+def test_dax_read_that_fits_the_window(dax_guest):
+    """dax=always: a 24 MiB file read twice; the second pass finds every range mapped."""
+    session, _, _ = dax_guest
+    out = _sh(session, "for t in FITS1 FITS2; do printf \"$t \"; /mnt/daxmmap readbench /mnt/fits; done")
+    BENCH[f"DAX {FITS >> 20} MiB, cold window"] = _mib_per_s(out, "FITS1", FITS)
+    BENCH[f"DAX {FITS >> 20} MiB, warm window"] = _mib_per_s(out, "FITS2", FITS)
+
+
+def test_dax_inode_policy_and_dax_vs_non_dax_reads(dax_guest, dax_share):
+    """A second boot, -o dax=inode (a mount's DAX mode is fixed while the guest's init
+    holds it): the 100 MiB file (< --dax-inode-min-size) is read through FUSE READ, the
+    102 MiB one through the window; both timed with cold guest caches."""
+    share, files = dax_share
+    with _boot(share, "dax=inode") as session:
+        _inode_policy_and_timing(session, files)
+
+
+def _inode_policy_and_timing(session, files):
+    timed = "echo 3 > /proc/sys/vm/drop_caches; printf '{tag} '; /mnt/daxmmap readbench /mnt/{f} %d; " % (100 * MiB)
+    out = _sh(session, "grep ' /mnt ' /proc/mounts; "
+                       "/mnt/daxmmap isdax /mnt/hundred_mib; /mnt/daxmmap isdax /mnt/big_dax; "
+                       + timed.format(f="hundred_mib", tag="NODAX") + timed.format(f="big_dax", tag="DAX")
+                       + timed.format(f="hundred_mib", tag="NODAX2") + timed.format(f="big_dax", tag="DAX2")
+                       + "sha256sum /mnt/hundred_mib; "
+                       + timed.format(f="fits", tag="FITS1") + timed.format(f="fits", tag="FITS2"),
+              timeout=400)
+    assert "dax=inode" in out
+    assert out.count("dax=0") == 1 and out.count("dax=1") == 1, out
+    assert out.index("dax=0") < out.index("dax=1")          # hundred_mib: no; big_dax: yes
+    assert files["hundred_mib"] in out
+    nodax = max(_mib_per_s(out, "NODAX"), _mib_per_s(out, "NODAX2"))
+    dax = max(_mib_per_s(out, "DAX"), _mib_per_s(out, "DAX2"))
+    fits = max(_mib_per_s(out, "FITS1", FITS), _mib_per_s(out, "FITS2", FITS))
+    BENCH.update({"FUSE READ 100 MiB (cold guest cache)": nodax,
+                  f"DAX 100 MiB through a {WINDOW >> 20} MiB window (reclaim)": dax,
+                  f"FUSE READ {FITS >> 20} MiB (cold guest cache)": fits})
+    print("\n".join(f"  guest read(2) 1 MiB blocks, TCG: {k}: {v:.0f} MiB/s" for k, v in BENCH.items()))
 
 
 def test_backend_log_has_no_errors(dax_guest):

@@ -133,12 +133,25 @@ def test_unexpected_exception_is_eio(sess):
     assert e.value.errno == errno.EIO
 
 
-@pytest.mark.parametrize("opcode", [O.GETLK, O.SETXATTR, O.IOCTL, O.SETUPMAPPING, O.TMPFILE,
-                                    52, 4096, 0, 0xFFFFFFFF])
+@pytest.mark.parametrize("opcode", [O.GETLK, O.SETUPMAPPING, O.TMPFILE, O.LSEEK,
+                                    O.SYNCFS, O.BMAP, 52, 4096, 0, 0xFFFFFFFF])
 def test_unknown_and_unimplemented_opcodes(sess, opcode):
+    body = bytes(64)
+    if opcode == O.LSEEK:
+        body = abi.fuse_lseek_in.pack(1, 0, 3, 0)  # SEEK_DATA: valid, the stub has no lseek
     with pytest.raises(FuseError) as e:
-        sess.request(opcode, 1, bytes(64))
+        sess.request(opcode, 1, body)
     assert e.value.errno == errno.ENOSYS
+
+
+def test_unimplemented_xattr_is_enosys_and_ioctl_enotty(sess):
+    body = abi.fuse_setxattr_in_compat.pack(1, 0) + b"user.a\0v"  # no SETXATTR_EXT: 8 bytes
+    with pytest.raises(FuseError) as e:
+        sess.request(O.SETXATTR, 1, body)
+    assert e.value.errno == errno.ENOSYS
+    with pytest.raises(FuseError) as e:
+        sess.request(O.IOCTL, 1, abi.fuse_ioctl_in.pack(1, 0, 0x5401, 0, 0, 0))
+    assert e.value.errno == errno.ENOTTY
 
 
 def test_default_filesystem_methods_are_enosys(sess):

@@ -263,8 +263,20 @@ def test_mknod(c, share):
     assert stat.S_ISFIFO(os.lstat(share / "fifo").st_mode)
     # FIFOs are never opened on the host (a worker would block)
     assert err(c.open, e[0], os.O_RDONLY) == errno.EACCES
+    # device nodes: created when the host permits (root here), never opened
     body = abi.fuse_mknod_in.pack(stat.S_IFCHR | 0o644, 0x0103, 0, 0) + b"null\0"
-    assert err(c.request, O.MKNOD, 1, body) == errno.EPERM
+    if os.geteuid() != 0:
+        assert err(c.request, O.MKNOD, 1, body) == errno.EPERM
+        return
+    e = abi.fuse_entry_out.unpack(c.request(O.MKNOD, 1, body))
+    st = os.lstat(share / "null")
+    assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3)
+    assert e[6 + 13] == 0x0103  # fuse_attr.rdev, new_encode_dev
+    assert err(c.open, e[0], os.O_RDONLY) == errno.EACCES
+    big = abi.fuse_mknod_in.pack(stat.S_IFBLK | 0o600, (0x123 << 8) | 0x45 | (0x67800 << 12), 0, 0)
+    c.request(O.MKNOD, 1, big + b"blk\0")
+    st = os.lstat(share / "blk")
+    assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (0x123, 0x45 | (0x678 << 8))
 
 
 def test_statfs_access(c):

@@ -66,6 +66,11 @@ class Context:
     pid: int
     umask: int = 0
     cancel: Cancel | None = None
+    #: OPEN/CREATE with FUSE_OPEN_KILL_SUIDGID (KILLPRIV_V2: an O_TRUNC open by a caller
+    #: without CAP_FSETID must clear setuid/setgid)
+    kill_suidgid: bool = False
+    #: supplementary groups the request carries (FUSE_CREATE_SUPP_GROUP, Linux >= 6.7)
+    groups: tuple = ()
 
 
 @dataclass(slots=True)
@@ -143,6 +148,8 @@ INIT_SUBMOUNTS = 1 << 27
 INIT_HANDLE_KILLPRIV_V2 = 1 << 28
 INIT_SETXATTR_EXT = 1 << 29
 INIT_SECURITY_CTX = 1 << 32
+INIT_CREATE_SUPP_GROUP = 1 << 34
+INIT_DIRECT_IO_ALLOW_MMAP = 1 << 36
 
 
 @dataclass(slots=True)
@@ -231,6 +238,11 @@ class FileSystem:
 
     def destroy(self) -> None:
         """DESTROY: drop every inode reference and handle the kernel held."""
+
+    def init_disable(self) -> int:
+        """INIT flags this filesystem wants off even though the server would enable them
+        (e.g. READDIRPLUS with --no-readdirplus)."""
+        return 0
 
     def node_type(self, nodeid: int) -> int | None:
         """The S_IFMT bits of a known nodeid, None when unknown (no request: lets the
@@ -330,6 +342,65 @@ class FileSystem:
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """FSYNC (fdatasync when ``datasync``). Lookup count unchanged."""
+        raise _enosys()
+
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int,
+                  mode: int) -> None:
+        """FALLOCATE (FALLOC_FL_* ``mode``). Lookup count unchanged."""
+        raise _enosys()
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        """LSEEK (SEEK_DATA / SEEK_HOLE; the kernel handles SET/CUR/END) -> offset."""
+        raise _enosys()
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int,
+                        nodeid_out: int, fh_out: int, off_out: int, length: int,
+                        flags: int) -> int:
+        """COPY_FILE_RANGE -> bytes copied. Lookup counts unchanged."""
+        raise _enosys()
+
+    def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int
+                ) -> tuple[Entry, int, int]:
+        """TMPFILE (O_TMPFILE): an unnamed file in ``parent`` -> (entry, fh, FOPEN_*
+        flags), with the caller's ids. Lookup count: +1."""
+        raise _enosys()
+
+    def ioctl(self, ctx: Context, nodeid: int, fh: int, flags: int, cmd: int, arg: int,
+              data: bytes, out_size: int) -> tuple[int, bytes]:
+        """IOCTL (restricted: the kernel gave the sizes) -> (result, output bytes).
+        Unknown commands: ENOTTY. Lookup count unchanged."""
+        raise OSError(errno.ENOTTY, "ioctl not supported")
+
+    def poll(self, ctx: Context, nodeid: int, fh: int, kh: int, flags: int, events: int) -> int:
+        """POLL -> revents. Lookup count unchanged."""
+        raise _enosys()
+
+    def bmap(self, ctx: Context, nodeid: int, blocksize: int, block: int) -> int:
+        """BMAP -> the device block of a file block. Lookup count unchanged."""
+        raise _enosys()
+
+    # --- extended attributes -----------------------------------------------------------
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int,
+                 setxattr_flags: int) -> None:
+        """SETXATTR (``flags``: XATTR_CREATE/REPLACE; ``setxattr_flags``: the
+        SETXATTR_EXT flags, e.g. FUSE_SETXATTR_ACL_KILL_SGID). Lookup count unchanged."""
+        raise _enosys()
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
+        """GETXATTR: ``size`` 0 -> the value's length (int); else the value (bytes),
+        ERANGE when it is longer than ``size``. Lookup count unchanged."""
+        raise _enosys()
+
+    def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
+        """LISTXATTR: NUL-terminated names; ``size`` 0 -> their total length (int)."""
+        raise _enosys()
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        """REMOVEXATTR. Lookup count unchanged."""
+        raise _enosys()
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        """SYNCFS: flush every host filesystem under the share. Lookup count unchanged."""
         raise _enosys()
 
     # --- locks -----------------------------------------------------------------------

@@ -12,9 +12,16 @@ import errno
 import fcntl
 
 from vhostfs.fs.api import FileLock
-from vhostfs.fuse import abi
+from vhostfs.fuse import abi, replies
 
 OFFSET_MAX = (1 << 63) - 1
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_LIST_MAX = 65536
+SEEK_DATA, SEEK_HOLE = 3, 4
+#: FALLOC_FL_KEEP_SIZE | PUNCH_HOLE | NO_HIDE_STALE | COLLAPSE_RANGE | ZERO_RANGE |
+#: INSERT_RANGE | UNSHARE_RANGE: every mode Linux defines; the host FS decides.
+FALLOC_MODES = 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x20 | 0x40
 _LOCK_TYPES = (fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK)
 
 
@@ -50,9 +57,17 @@ class ExtendedOps:
         O = abi.Opcode
         for op, fn in (
             (O.GETLK, self._getlk), (O.SETLK, self._setlk), (O.SETLKW, self._setlkw),
-            (O.INTERRUPT, self._interrupt),
+            (O.INTERRUPT, self._interrupt), (O.SETXATTR, self._setxattr),
+            (O.GETXATTR, self._getxattr), (O.LISTXATTR, self._listxattr),
+            (O.REMOVEXATTR, self._removexattr), (O.FALLOCATE, self._fallocate),
+            (O.LSEEK, self._lseek), (O.COPY_FILE_RANGE, self._copy_file_range),
+            (O.SYNCFS, self._syncfs), (O.TMPFILE, self._tmpfile), (O.IOCTL, self._ioctl),
+            (O.POLL, self._poll), (O.BMAP, self._bmap),
         ):
             table[op] = fn
+        # SETXATTR carries a value of up to XATTR_SIZE_MAX after the name.
+        self._max_body = max(self._max_body, abi.fuse_setxattr_in.size + XATTR_NAME_MAX + 1
+                             + XATTR_SIZE_MAX)
 
     # --- locks --------------------------------------------------------------------------
     def _lk(self, body: bytes):
@@ -74,6 +89,127 @@ class ExtendedOps:
 
     def _setlkw(self, ctx, nodeid, body, reader, writer):
         return self._setlk(ctx, nodeid, body, reader, writer, sleep=True)
+
+    # --- extended attributes --------------------------------------------------------------
+    @staticmethod
+    def _xattr_name(body: bytes, start: int) -> tuple[bytes, int]:
+        end = body.find(b"\0", start)
+        if end < 0:
+            raise _einval("xattr name not NUL-terminated")
+        name = body[start:end]
+        if not name:
+            raise _einval("empty xattr name")
+        if len(name) > XATTR_NAME_MAX:
+            raise OSError(errno.ERANGE, "xattr name too long")
+        return name, end + 1
+
+    def _setxattr(self, ctx, nodeid, body, reader, writer):
+        if self.flags & abi.FUSE_SETXATTR_EXT:
+            size, flags, setxattr_flags, _ = _unpack(body, abi.fuse_setxattr_in)
+            pos = abi.fuse_setxattr_in.size
+        else:
+            size, flags = _unpack(body, abi.fuse_setxattr_in_compat)
+            setxattr_flags, pos = 0, abi.FUSE_COMPAT_SETXATTR_IN_SIZE
+        if size > XATTR_SIZE_MAX:
+            raise OSError(errno.E2BIG, "xattr value too large")
+        name, pos = self._xattr_name(body, pos)
+        value = body[pos:pos + size]
+        if len(value) != size:
+            raise _einval("xattr value shorter than its size")
+        if flags & ~(0x1 | 0x2):  # XATTR_CREATE | XATTR_REPLACE
+            raise _einval("unknown setxattr flags")
+        self.fs.setxattr(ctx, nodeid, name, value, flags, setxattr_flags)
+        return b""
+
+    def _getxattr(self, ctx, nodeid, body, reader, writer):
+        size, _ = _unpack(body, abi.fuse_getxattr_in)
+        name, _ = self._xattr_name(body, abi.fuse_getxattr_in.size)
+        out = self.fs.getxattr(ctx, nodeid, name, min(size, XATTR_SIZE_MAX))
+        return self._sized(out, size)
+
+    def _listxattr(self, ctx, nodeid, body, reader, writer):
+        size, _ = _unpack(body, abi.fuse_getxattr_in)
+        return self._sized(self.fs.listxattr(ctx, nodeid, min(size, XATTR_LIST_MAX)), size)
+
+    @staticmethod
+    def _sized(out, size: int) -> bytes:
+        if size == 0:
+            n = out if isinstance(out, int) else len(out)
+            return abi.fuse_getxattr_out.pack(n, 0)
+        if isinstance(out, int) or len(out) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return bytes(out)
+
+    def _removexattr(self, ctx, nodeid, body, reader, writer):
+        name, _ = self._xattr_name(body, 0)
+        self.fs.removexattr(ctx, nodeid, name)
+        return b""
+
+    # --- data: fallocate, lseek, copy_file_range, syncfs ------------------------------------
+    def _fallocate(self, ctx, nodeid, body, reader, writer):
+        fh, offset, length, mode, _ = _unpack(body, abi.fuse_fallocate_in)
+        if mode & ~FALLOC_MODES:
+            raise OSError(errno.EOPNOTSUPP, "unknown fallocate mode")
+        if offset > OFFSET_MAX or length == 0 or length > OFFSET_MAX or offset + length > OFFSET_MAX:
+            raise _einval("bad fallocate range")
+        self.fs.fallocate(ctx, nodeid, fh, offset, length, mode)
+        return b""
+
+    def _lseek(self, ctx, nodeid, body, reader, writer):
+        fh, offset, whence, _ = _unpack(body, abi.fuse_lseek_in)
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise _einval("LSEEK serves SEEK_DATA and SEEK_HOLE only")
+        if offset > OFFSET_MAX:
+            raise OSError(errno.ENXIO, "offset beyond any file")
+        return abi.fuse_lseek_out.pack(self.fs.lseek(ctx, nodeid, fh, offset, whence))
+
+    def _copy_file_range(self, ctx, nodeid, body, reader, writer):
+        fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = _unpack(
+            body, abi.fuse_copy_file_range_in)
+        if flags:
+            raise _einval("copy_file_range flags must be 0")
+        if off_in > OFFSET_MAX or off_out > OFFSET_MAX:
+            raise _einval("offset out of range")
+        length = min(length, 1 << 30)  # a short copy is fine: the guest loops
+        n = self.fs.copy_file_range(ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out,
+                                    length, flags)
+        return abi.fuse_write_out.pack(n, 0)
+
+    def _syncfs(self, ctx, nodeid, body, reader, writer):
+        _unpack(body, abi.fuse_syncfs_in)
+        self.fs.syncfs(ctx, nodeid)
+        return b""
+
+    # --- TMPFILE: fuse_create_in + a name the kernel fills with "/" (ignored) --------------
+    def _tmpfile(self, ctx, nodeid, body, reader, writer):
+        flags, mode, umask, _ = _unpack(body, abi.fuse_create_in)
+        ctx.umask = umask & 0o777
+        entry, fh, open_flags = self.fs.tmpfile(ctx, nodeid, mode, flags)
+        return replies.entry_out(entry) + replies.open_out(fh, open_flags)
+
+    # --- IOCTL, POLL, BMAP ----------------------------------------------------------------
+    def _ioctl(self, ctx, nodeid, body, reader, writer):
+        fh, flags, cmd, arg, in_size, out_size = _unpack(body, abi.fuse_ioctl_in)
+        if flags & abi.FUSE_IOCTL_UNRESTRICTED:
+            raise OSError(errno.ENOTTY, "unrestricted ioctls are CUSE-only")
+        if flags & abi.FUSE_IOCTL_32BIT:
+            raise OSError(errno.ENOTTY, "32-bit compat ioctls are not served")
+        data = body[abi.fuse_ioctl_in.size:abi.fuse_ioctl_in.size + in_size]
+        if len(data) != in_size:
+            raise _einval("ioctl input shorter than in_size")
+        if out_size > 4096:
+            raise _einval("ioctl output too large")
+        result, out = self.fs.ioctl(ctx, nodeid, fh, flags, cmd, arg, data, out_size)
+        out = bytes(out[:out_size])
+        return abi.fuse_ioctl_out.pack(result, 0, 0, 0) + out
+
+    def _poll(self, ctx, nodeid, body, reader, writer):
+        fh, kh, flags, events = _unpack(body, abi.fuse_poll_in)
+        return abi.fuse_poll_out.pack(self.fs.poll(ctx, nodeid, fh, kh, flags, events) & 0xFFFF, 0)
+
+    def _bmap(self, ctx, nodeid, body, reader, writer):
+        block, blocksize, _ = _unpack(body, abi.fuse_bmap_in)
+        return abi.fuse_bmap_out.pack(self.fs.bmap(ctx, nodeid, blocksize, block))
 
     # --- interrupt ------------------------------------------------------------------------
     def _interrupt(self, ctx, nodeid, body, reader, writer):

@@ -169,6 +169,8 @@ class FuseServer(ExtendedOps):
                 err = 0
             except OSError as e:
                 err = e.errno if isinstance(e.errno, int) and 0 < e.errno < 4096 else errno.EIO
+                if err == errno.EMFILE:  # our fd budget, not the guest process's
+                    err = errno.ENFILE
                 if no_reply:
                     return 0
                 return self._reply_error(writer, unique, err)
@@ -224,7 +226,7 @@ class FuseServer(ExtendedOps):
         capable = flags
         if flags & abi.FUSE_INIT_EXT:
             capable |= flags2 << 32
-        want = WANTED_FLAGS | self.fs.init(capable)
+        want = (WANTED_FLAGS | self.fs.init(capable)) & ~self.fs.init_disable()
         agreed = want & capable
         out_minor = min(minor, abi.KERNEL_MINOR_VERSION)
         out = abi.fuse_init_out.pack(
@@ -348,13 +350,15 @@ class FuseServer(ExtendedOps):
 
     # --- files ----------------------------------------------------------------------------
     def _open(self, ctx, nodeid, body, reader, writer):
-        flags, _ = _struct(body, abi.fuse_open_in)
+        flags, open_in_flags = _struct(body, abi.fuse_open_in)
+        ctx.kill_suidgid = bool(open_in_flags & abi.FUSE_OPEN_KILL_SUIDGID)
         fh, open_flags = self.fs.open(ctx, nodeid, flags)
         return replies.open_out(fh, open_flags)
 
     def _create(self, ctx, nodeid, body, reader, writer):
-        flags, mode, umask, _ = _struct(body, abi.fuse_create_in)
+        flags, mode, umask, open_in_flags = _struct(body, abi.fuse_create_in)
         name, _ = parse_name(body, abi.fuse_create_in.size)
+        ctx.kill_suidgid = bool(open_in_flags & abi.FUSE_OPEN_KILL_SUIDGID)
         ctx.umask = umask & 0o777
         entry, fh, open_flags = self.fs.create(ctx, nodeid, name, mode, flags)
         return replies.entry_out(entry) + replies.open_out(fh, open_flags)

@@ -26,6 +26,9 @@ from vhostfs.fs.api import Attr, Context, DirSink, Entry, FileSystem, ReadSink, 
 from vhostfs.fs.passthrough.handles import DirHandle, FileHandle, HandleTable
 from vhostfs.fs.passthrough.inodes import Inode, InodeTable, key_of, stat_fd
 from vhostfs.fs.passthrough import locks
+from vhostfs.fs.passthrough import xattr as xattrs
+from vhostfs.fs.passthrough.creds import Credentials, IdMap
+from vhostfs.fs.passthrough.extras import ExtrasMixin
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: guest open flags passed to the host; O_CREAT/O_EXCL/O_NOFOLLOW/O_PATH/O_DIRECTORY/
@@ -87,7 +90,7 @@ def _dtype(entry: os.DirEntry) -> int:
         return DT_UNKNOWN
 
 
-class PassthroughFs(FileSystem):
+class PassthroughFs(ExtrasMixin, FileSystem):
     """Serves ``shared_dir``; see the module docstring for the safety rules.
 
     ``timeout`` is the entry/attr cache timeout in seconds (``cache="never"`` forces 0,
@@ -97,9 +100,38 @@ class PassthroughFs(FileSystem):
 
     def __init__(self, shared_dir: str, *, readonly: bool = False, timeout: float = 1.0,
                  cache: CachePolicy | str = CachePolicy.AUTO,
-                 switch_credentials: bool | None = None) -> None:
+                 switch_credentials: bool | None = None, xattr: bool = False,
+                 posix_acl: bool = False, xattrmap: str | None = None,
+                 security_label: bool = False, killpriv_v2: bool = False,
+                 announce_submounts: bool = True, writeback: bool = False,
+                 allow_direct_io: bool = False, allow_mmap: bool = False,
+                 readdirplus: bool = True, preserve_noatime: bool = False,
+                 inode_file_handles: str = "never", translate_uid=(), translate_gid=(),
+                 posix_lock: bool = True, flock: bool = True) -> None:
         if timeout < 0:
             raise ValueError("timeout must be >= 0")
+        if inode_file_handles != "never":
+            # Inodes are held by O_PATH fds only (see inodes.py); file handles are not
+            # implemented: refuse rather than pretend.
+            raise ValueError(f"inode_file_handles={inode_file_handles!r} is not implemented "
+                             f"(only 'never')")
+        if security_label:
+            raise ValueError("security_label is not implemented (FUSE_SECURITY_CTX)")
+        if posix_acl and (translate_uid or translate_gid):
+            raise ValueError("posix_acl cannot be combined with uid/gid translation "
+                             "(ACL entries carry raw ids)")
+        self.xattr = bool(xattr or posix_acl or xattrmap)
+        self.posix_acl = posix_acl
+        self.xattrmap = xattrs.XattrMap.parse(xattrmap) if xattrmap else None
+        self.killpriv_v2 = killpriv_v2
+        self.announce_submounts = announce_submounts
+        self.writeback = writeback
+        self.allow_direct_io = allow_direct_io
+        self.allow_mmap = allow_mmap
+        self.readdirplus_enabled = readdirplus
+        self.preserve_noatime = preserve_noatime
+        self.posix_lock, self.flock_enabled = posix_lock, flock
+        self.uidmap, self.gidmap = IdMap(translate_uid), IdMap(translate_gid)
         self.cache = CachePolicy(cache)
         if self.cache is CachePolicy.NEVER:
             timeout = 0.0
@@ -119,18 +151,40 @@ class PassthroughFs(FileSystem):
         self.posix_locks = locks.PosixLocks()
         self._uid, self._gid = os.geteuid(), os.getegid()
         self.switch_credentials = (self._uid == 0) if switch_credentials is None else switch_credentials
+        self.creds = Credentials(self._uid, self._gid, self.switch_credentials)
         # The process umask also applies to host creations; bits it strips are put back
         # (a daemon that runs with umask 0 never pays for that).
         self._proc_umask = os.umask(0o022)
         os.umask(self._proc_umask)
         self._file_open_flags = {CachePolicy.NEVER: FOPEN_DIRECT_IO,
                                  CachePolicy.ALWAYS: FOPEN_KEEP_CACHE}.get(self.cache, 0)
+        self._pass_flags = _PASS_FLAGS | (os.O_DIRECT if allow_direct_io else 0)
+        if not preserve_noatime:
+            self._pass_flags &= ~os.O_NOATIME
         self._dir_open_flags = (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR
                                 if self.cache is CachePolicy.ALWAYS else 0)
 
     # --- helpers -------------------------------------------------------------------------
+    def _attr(self, st: hostsys.Statx) -> Attr:
+        a = to_attr(st)
+        if not self.uidmap.identity:
+            a.uid = self.uidmap.to_guest(a.uid)
+        if not self.gidmap.identity:
+            a.gid = self.gidmap.to_guest(a.gid)
+        return a
+
     def _entry(self, inode: Inode, st: hostsys.Statx) -> Entry:
-        return Entry(inode.nodeid, 0, to_attr(st), self.timeout, self.timeout)
+        return Entry(inode.nodeid, 0, self._attr(st), self.timeout, self.timeout)
+
+    def _child_entry(self, inode: Inode, st: hostsys.Statx, parent: Inode) -> Entry:
+        """The entry of a name looked up in ``parent``: FUSE_ATTR_SUBMOUNT when it is a
+        directory on another host mount (st_dev or mnt_id differ), so that the guest
+        gives it its own superblock (a distinct st_dev)."""
+        entry = self._entry(inode, st)
+        if (self.announce_submounts and stat.S_ISDIR(st.mode)
+                and (st.dev, st.mnt_id) != (parent.key[0], parent.key[2])):
+            entry.attr.flags |= api.ATTR_SUBMOUNT
+        return entry
 
     def _dir(self, nodeid: int) -> Inode:
         inode = self.inodes.get(nodeid)
@@ -149,21 +203,18 @@ class PassthroughFs(FileSystem):
 
     @contextlib.contextmanager
     def _as_caller(self, ctx: Context):
-        """Run the block with the caller's fsuid/fsgid on this thread only."""
-        if not self.switch_credentials or (ctx.uid == self._uid and ctx.gid == self._gid):
+        """Run the block with the caller's (translated) fsuid/fsgid and supplementary
+        groups on this thread only.  The groups are the ones the request carries: the
+        primary group alone, since a Linux < 6.7 guest sends no supplementary groups
+        (FUSE_CREATE_SUPP_GROUP), and root's own groups must not leak into the check."""
+        uid, gid = self.uidmap.to_host(ctx.uid), self.gidmap.to_host(ctx.gid)
+        if not self.creds.enter(uid, gid, [gid, *ctx.groups]):
             yield
             return
-        hostsys.setfsgid(ctx.gid)
-        try:
-            hostsys.setfsuid(ctx.uid)
-        except BaseException:
-            hostsys.setfsgid(self._gid)
-            raise
         try:
             yield
         finally:
-            hostsys.setfsuid(self._uid)
-            hostsys.setfsgid(self._gid)
+            self.creds.leave()
 
     def _lookup_in(self, parent: Inode, name: bytes) -> Entry:
         """Resolve one component under ``parent`` and account one lookup (+1)."""
@@ -179,7 +230,7 @@ class PassthroughFs(FileSystem):
         except BaseException:
             os.close(fd)
             raise
-        return self._entry(self.inodes.add_ref(fd, st), st)
+        return self._child_entry(self.inodes.add_ref(fd, st), st, parent)
 
     def _inside_root(self, fd: int, st: hostsys.Statx) -> bool:
         """Whether the directory at ``fd`` lies inside the shared root: walk '..' up to
@@ -205,20 +256,56 @@ class PassthroughFs(FileSystem):
             if owned:
                 os.close(cur)
 
+    def _default_acl(self, parent: Inode) -> bool:
+        """Whether new entries of ``parent`` get their mode from its default ACL (the host
+        kernel then ignores the umask, and so must we)."""
+        if not self.posix_acl:
+            return False
+        try:
+            os.getxattr(parent.proc_path, xattrs.ACL_DEFAULT)
+            return True
+        except OSError:
+            return False
+
+    def _umask_for(self, ctx: Context, parent: Inode) -> int:
+        return 0 if self._default_acl(parent) else ctx.umask
+
     def _new_entry(self, parent: Inode, name: bytes, wanted_mode: int | None) -> Entry:
         """After a create-type op: look the new name up (+1); restore mode bits the
         daemon's process umask stripped."""
         entry = self._lookup_in(parent, name)
-        if wanted_mode is not None and wanted_mode & self._proc_umask:
+        if wanted_mode is not None and wanted_mode & self._proc_umask and not self._default_acl(parent):
             inode = self.inodes.get(entry.nodeid)
             if inode.ftype != stat.S_IFLNK:
                 os.chmod(inode.proc_path, wanted_mode)
-                entry.attr = to_attr(stat_fd(inode.fd))
+                entry.attr.mode = stat_fd(inode.fd).mode
         return entry
 
     # --- session -------------------------------------------------------------------------
     def init(self, capable: int) -> int:
-        return api.INIT_POSIX_LOCKS | api.INIT_FLOCK_LOCKS
+        want = 0
+        if self.posix_lock:
+            want |= api.INIT_POSIX_LOCKS
+        if self.flock_enabled:
+            want |= api.INIT_FLOCK_LOCKS
+        if self.posix_acl:
+            want |= api.INIT_POSIX_ACL
+        if self.xattr:
+            want |= api.INIT_SETXATTR_EXT
+        if self.killpriv_v2:
+            want |= api.INIT_HANDLE_KILLPRIV_V2
+        if self.announce_submounts:
+            want |= api.INIT_SUBMOUNTS
+        if self.writeback and not self.readonly:
+            want |= api.INIT_WRITEBACK_CACHE
+        if self.allow_mmap:
+            want |= api.INIT_DIRECT_IO_ALLOW_MMAP
+        self.writeback_on = bool(want & capable & api.INIT_WRITEBACK_CACHE)
+        return want
+
+    def init_disable(self) -> int:
+        return 0 if self.readdirplus_enabled else (api.INIT_DO_READDIRPLUS
+                                                   | api.INIT_READDIRPLUS_AUTO)
 
     def node_type(self, nodeid: int) -> int | None:
         inode = self.inodes.find_id(nodeid)
@@ -237,7 +324,7 @@ class PassthroughFs(FileSystem):
 
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
         inode = self.inodes.get(nodeid)
-        return to_attr(stat_fd(inode.fd)), self.timeout
+        return self._attr(stat_fd(inode.fd)), self.timeout
 
     def setattr(self, ctx: Context, nodeid: int, a: SetAttr) -> tuple[Attr, float]:
         inode = self.inodes.get(nodeid)
@@ -254,8 +341,8 @@ class PassthroughFs(FileSystem):
             else:
                 os.chmod(inode.proc_path, a.mode & 0o7777)
         if v & (api.FATTR_UID | api.FATTR_GID):
-            uid = a.uid if v & api.FATTR_UID else 0xFFFFFFFF
-            gid = a.gid if v & api.FATTR_GID else 0xFFFFFFFF
+            uid = self.uidmap.to_host(a.uid) if v & api.FATTR_UID else 0xFFFFFFFF
+            gid = self.gidmap.to_host(a.gid) if v & api.FATTR_GID else 0xFFFFFFFF
             hostsys.fchownat(inode.fd, b"", uid, gid, _STATX_NOFOLLOW)
         if v & api.FATTR_SIZE:
             if inode.ftype == stat.S_IFDIR:
@@ -264,6 +351,8 @@ class PassthroughFs(FileSystem):
                 raise OSError(errno.EINVAL, "truncate of a special file")
             if a.size > (1 << 63) - 1:
                 raise OSError(errno.EFBIG, "size out of range")
+            if v & api.FATTR_KILL_SUIDGID:
+                self._kill_suidgid(inode, hfd)
             if hfd is not None:
                 os.ftruncate(hfd, a.size)
             else:
@@ -280,7 +369,7 @@ class PassthroughFs(FileSystem):
                     times.append((0, hostsys.UTIME_OMIT))
             self._writable()
             hostsys.utimensat(inode.fd, b"", times[0], times[1], _STATX_NOFOLLOW)
-        return to_attr(stat_fd(inode.fd)), self.timeout
+        return self._attr(stat_fd(inode.fd)), self.timeout
 
     def readlink(self, ctx: Context, nodeid: int) -> bytes:
         inode = self.inodes.get(nodeid)
@@ -303,20 +392,24 @@ class PassthroughFs(FileSystem):
         self._writable()
         self._plain_name(name)
         kind = stat.S_IFMT(mode)
-        if kind in (stat.S_IFCHR, stat.S_IFBLK):
-            raise OSError(errno.EPERM, "device nodes are not created on the host")
-        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, 0):
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, 0):
             raise OSError(errno.EINVAL, "bad file type")
-        perm = mode & 0o7777 & ~ctx.umask
+        # Device nodes: created when the host permits (the caller's credentials: guest
+        # root maps to the daemon's CAP_MKNOD; a nodev mount refuses opening them, and
+        # the daemon never opens special files itself).  rdev is the kernel's
+        # new_encode_dev() u32.
+        dev = os.makedev(((rdev >> 8) & 0xFFF), (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)) \
+            if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        perm = mode & 0o7777 & ~self._umask_for(ctx, p)
         with self._as_caller(ctx):
-            os.mknod(name, (kind or stat.S_IFREG) | perm, 0, dir_fd=p.fd)
+            os.mknod(name, (kind or stat.S_IFREG) | perm, dev, dir_fd=p.fd)
         return self._new_entry(p, name, perm)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
         p = self._dir(parent)
         self._writable()
         self._plain_name(name)
-        perm = mode & 0o7777 & ~ctx.umask
+        perm = mode & 0o7777 & ~self._umask_for(ctx, p)
         with self._as_caller(ctx):
             os.mkdir(name, perm, dir_fd=p.fd)
         return self._new_entry(p, name, perm)
@@ -382,7 +475,15 @@ class PassthroughFs(FileSystem):
             raise OSError(errno.EINVAL, "bad access mode")
         if self.readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
             raise OSError(errno.EROFS, "read-only share")
-        return (flags & _PASS_FLAGS) | os.O_CLOEXEC
+        out = (flags & self._pass_flags) | os.O_CLOEXEC
+        if getattr(self, "writeback_on", False):
+            # The guest page cache writes back whole pages through any handle (it may
+            # read first) and positions appends itself: O_WRONLY becomes O_RDWR and
+            # O_APPEND is dropped (pwrite on an O_APPEND fd would ignore the offset).
+            if out & os.O_ACCMODE == os.O_WRONLY:
+                out = (out & ~os.O_ACCMODE) | os.O_RDWR
+            out &= ~os.O_APPEND
+        return out
 
     def _reopen(self, inode: Inode, flags: int) -> int:
         if inode.ftype == stat.S_IFLNK:
@@ -396,7 +497,34 @@ class PassthroughFs(FileSystem):
     def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
         inode = self.inodes.get(nodeid)
         fd = self._reopen(inode, flags)
-        return self.handles.add(FileHandle(fd, inode, flags)), self._file_open_flags
+        if ctx.kill_suidgid and flags & os.O_TRUNC:
+            try:
+                self._kill_suidgid(inode, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        return self.handles.add(FileHandle(fd, inode, flags)), self._open_reply_flags(flags)
+
+    def _open_reply_flags(self, flags: int) -> int:
+        out = self._file_open_flags
+        if flags & os.O_DIRECT and self.allow_direct_io:
+            out |= FOPEN_DIRECT_IO
+        return out
+
+    def _kill_suidgid(self, inode: Inode, fd: int | None) -> None:
+        """KILLPRIV_V2: clear setuid, and setgid when group-exec is set (setgid without
+        group-exec marks mandatory locking and stays), as the kernel's
+        should_remove_suid() does for a caller without CAP_FSETID."""
+        mode = stat_fd(inode.fd).mode
+        kill = mode & stat.S_ISUID
+        if mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if kill and stat.S_ISREG(mode):
+            new = mode & 0o7777 & ~kill
+            if fd is not None:
+                os.fchmod(fd, new)
+            else:
+                os.chmod(inode.proc_path, new)
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int
                ) -> tuple[Entry, int, int]:
@@ -404,7 +532,7 @@ class PassthroughFs(FileSystem):
         self._writable()
         self._plain_name(name)
         host_flags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-        perm = mode & 0o7777 & ~ctx.umask
+        perm = mode & 0o7777 & ~self._umask_for(ctx, p)
         try:
             with self._as_caller(ctx):
                 fd = os.open(name, host_flags, perm, dir_fd=p.fd)
@@ -420,7 +548,7 @@ class PassthroughFs(FileSystem):
                 raise
             return entry, fh, open_flags
         try:
-            if perm & self._proc_umask:
+            if perm & self._proc_umask and not self._default_acl(p):
                 os.fchmod(fd, perm)
             path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
             try:
@@ -433,7 +561,7 @@ class PassthroughFs(FileSystem):
             os.close(fd)
             raise
         fh = self.handles.add(FileHandle(fd, inode, flags))
-        return self._entry(inode, st), fh, self._file_open_flags
+        return self._entry(inode, st), fh, self._open_reply_flags(flags)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int,
              sink: ReadSink) -> int:
@@ -444,6 +572,8 @@ class PassthroughFs(FileSystem):
         h = self.handles.file(fh)
         if h.flags & os.O_ACCMODE == os.O_RDONLY:
             raise OSError(errno.EBADF, "handle not open for writing")
+        if write_flags & api.WRITE_KILL_SUIDGID:
+            self._kill_suidgid(h.inode, h.fd)
         return source.write_to_fd(h.fd, size, offset)
 
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
