@@ -1,12 +1,12 @@
 """Stress: the real daemon assembly (vhost-user device, QueueRunners, FuseServer,
 PassthroughFs) over a real socket, driven by the simulated frontend and driver rings.
 
-100,000 mixed FUSE requests (default; ``VHOSTFS_STRESS_REQUESTS`` scales it, ``make
-test-long`` runs a million) on 4 request queues with pools of 8, ring sizes from 128 to
+100,000 mixed FUSE requests per EVENT_IDX setting (``VHOSTFS_STRESS_REQUESTS=1000000``
+for the long run) on 4 request queues with pools of 8, ring sizes from 128 to
 32768 whose indices start just below 2^16 so both the ring slots and the u16 indices
 wrap, EVENT_IDX on and off.  Completion order is shuffled on purpose (a shim sleeps a
 random few hundred microseconds before a third of the requests).  Mid-run the frontend
-adds a memory region (memory-table change with requests in flight) and stops and
+adds then removes a memory region (memory-table changes with requests in flight) and stops and
 restarts rings (GET_VRING_BASE with requests in flight: everything popped must be in
 the used ring when the base is reported).
 
@@ -266,7 +266,8 @@ def run_stress(tmp_path, *, event_idx: bool, sizes: list[int], total: int, seed:
 
         submitted = done = 0
         seen: set[tuple[int, int]] = set()
-        events = {total // 4: "stop", total // 2: "memory", (3 * total) // 4: "stop"}
+        events = {total // 4: "stop", total // 2: "add-region", (3 * total) // 5: "remove-region",
+                  (3 * total) // 4: "stop"}
         stops = 0
         while done < total:
             for q in queues:
@@ -292,11 +293,14 @@ def run_stress(tmp_path, *, event_idx: bool, sizes: list[int], total: int, seed:
                     done += 1
             for mark in [m for m in events if done >= m]:
                 what = events.pop(mark)
-                if what == "memory":
+                if what == "add-region":
                     # A new region while requests are in flight: every runner re-attaches
                     # under its lock; nothing in use is unmapped.
                     extra_ram = MemfdRam([(1 << 34, 1 << 20)])
                     fe.add_mem_reg(extra_ram.table()[0])
+                elif what == "remove-region":
+                    gpa, size, uva, _fd, _map = extra_ram.regions[0]
+                    fe.rem_mem_reg((gpa, size, uva, 0))
                 else:
                     q = queues[stops % len(queues)]
                     stops += 1
