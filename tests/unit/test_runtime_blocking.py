@@ -275,3 +275,50 @@ def test_memory_change_while_workers_hold_guest_buffers(fds):
     wait_for(lambda: len(q.used) == 1, BOUND)
     runner.stop()
     assert q.attached == "new snapshot" and seen == [b"old data"]
+
+
+# -- which requests may block (fuse/blocking.py, FuseServer.may_block) -----------------------
+def fuse_request(opcode: int, nodeid: int, unique: int = 77, body: bytes = b"") -> list:
+    from vhostfs.fuse import abi
+    hdr = abi.fuse_in_header.pack(abi.fuse_in_header.size + len(body), opcode, unique, nodeid,
+                                  0, 0, 0, 0, 0)
+    return [memoryview(hdr + body)]
+
+
+class TypedFs:
+    """Just enough FileSystem for FuseServer.may_block: node 5 is a FIFO, 6 a char
+    device, 7 a regular file, 8 unknown."""
+
+    def node_type(self, nodeid):
+        import stat
+        return {5: stat.S_IFIFO, 6: stat.S_IFCHR, 7: stat.S_IFREG}.get(nodeid)
+
+
+@pytest.mark.parametrize("opcode,nodeid,blocks", [
+    ("SETLKW", 7, True), ("FSYNC", 7, True), ("FSYNCDIR", 1, True), ("SYNCFS", 1, True),
+    ("SETLK", 7, False), ("GETLK", 7, False), ("FLUSH", 7, False), ("RELEASE", 5, False),
+    ("OPEN", 5, True), ("READ", 5, True), ("WRITE", 6, True), ("OPEN", 6, True),
+    ("OPEN", 7, False), ("READ", 7, False), ("WRITE", 7, False), ("READ", 8, False),
+    ("GETATTR", 5, False), ("LOOKUP", 1, False), ("INTERRUPT", 0, False), ("FORGET", 5, False),
+])
+def test_may_block_classification(opcode, nodeid, blocks):
+    from vhostfs.fuse import abi
+    from vhostfs.fuse.server import FuseServer
+    from vhostfs.virtqueue.iov import Reader
+    server = FuseServer(TypedFs())
+    key = server.may_block(Reader(fuse_request(abi.Opcode[opcode], nodeid, unique=1234)))
+    assert key == (1234 if blocks else None)
+
+
+def test_may_block_without_node_types_and_on_short_requests():
+    from vhostfs.fuse import abi, blocking
+    from vhostfs.fuse.server import FuseServer
+    from vhostfs.virtqueue.iov import Reader
+    assert blocking.may_block(abi.Opcode.READ, 5, None) is False          # no node_type: opcode only
+    assert blocking.may_block(abi.Opcode.SETLKW, 5, None) is True
+
+    def failing(nodeid):
+        raise OSError(2, "gone")
+    assert blocking.may_block(abi.Opcode.OPEN, 5, failing) is False
+    server = FuseServer(TypedFs())
+    assert server.may_block(Reader([memoryview(b"short")])) is None
