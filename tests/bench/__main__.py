@@ -8,6 +8,8 @@ Settings (command-line options override the environment):
   BENCH_QUEUES, BENCH_DEPTHS    comma lists (default 1,4 and 1,32)
   BENCH_RSS_INODES        inodes for the RSS item (default 100000; 0 skips it)
   BENCH_OUT               output directory (default out/bench)
+  BENCH_DIR               where the shared directory is made (default /dev/shm when it is a
+                          tmpfs with 2 GiB free, so disk writeback does not set the pace; else /tmp)
 --report-only out/bench/results.json rewrites the Markdown and the chart without measuring.
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--depths", default=",".join(_env_list("BENCH_DEPTHS", ["1", "32"])))
     ap.add_argument("--rss-inodes", type=int, default=int(os.environ.get("BENCH_RSS_INODES", -1)))
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", str(REPO / "out" / "bench")))
+    ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", ""))
     ap.add_argument("--keep-workdir", action="store_true")
     ap.add_argument("--report-only", metavar="RESULTS_JSON",
                     help="measure nothing: rewrite results.md and the chart from a results.json")
@@ -59,6 +62,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.rss_inodes < 0:
         a.rss_inodes = 20_000 if a.quick else 100_000
     return a
+
+
+def default_base() -> str:
+    """/dev/shm if it is a tmpfs with room for the data set (page-cache speed, no writeback
+    stalls from the shared disk), else the default temporary directory."""
+    try:
+        st = os.statvfs("/dev/shm")
+        if fs_type("/dev/shm") == "tmpfs" and st.f_bavail * st.f_frsize >= 2 << 30:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
+def fs_type(path: str) -> str:
+    """The type of the file system holding ``path`` (longest mount-point match)."""
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, typ = line.split()[:3]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, typ
+    return kind
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     queues = [int(x) for x in a.queues.split(",")]
     depths = [int(x) for x in a.depths.split(",")]
     t_start = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="vhostfs-bench-")
+    with open("/proc/loadavg") as f:
+        loadavg0 = " ".join(f.read().split()[:3])
+    base = a.dir or default_base()
+    workdir = tempfile.mkdtemp(prefix="vhostfs-bench-", dir=base)
     shared = os.path.join(workdir, "share")
     say = lambda *x: print(*x, file=sys.stderr, flush=True)   # noqa: E731
     say(f"bench: work dir {workdir}; {a.seconds} s per cell (+{a.warmup} s warm-up)")
@@ -131,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                            f"Python {platform.python_version()})",
                 "seconds": a.seconds, "warmup": a.warmup, "quick": a.quick,
                 "wall_seconds": round(time.monotonic() - t_start, 1),
+                "shared_dir_fs": f"{fs_type(shared)} ({os.path.dirname(workdir)})",
+                "loadavg_at_start": loadavg0,
             },
             "backends": [{k: v for k, v in b.items() if k != "spec"} for b in backends],
             "skipped": skipped,
@@ -140,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             "notes": [
                 "Queue layout: vhost-user-fs queue 0 is hiprio (FORGETs), 1..N are request queues; "
                 "the load generator is one Python thread polling every call eventfd.",
-                "Data set on the host disk under a mktemp dir; the read file is in the page cache.",
+                f"Shared directory on {fs_type(shared)} under {os.path.dirname(workdir)} (BENCH_DIR); "
+                f"load average at start {loadavg0} on {os.cpu_count()} CPUs.",
             ],
         }
         doc["ratios"] = report.ratios(results, report.SUBJECT,

@@ -274,7 +274,7 @@ def run_rss(spec: BackendSpec, count: int, *, workdir: str, shared: str, depth: 
                 for line in f:
                     if line.startswith("Max open files"):
                         out["nofile_limit"] = line.split()[3:5]
-            out["open_fds"] = len(os.listdir(f"/proc/{proc.pid}/fd"))
+            out["open_fds"] = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in proc.tree())
         except OSError:
             pass
         if wl.error:

@@ -8,7 +8,8 @@ Codec (pure functions, no I/O)
     (``fuse_entry_out``, ``fuse_attr_out``, ``fuse_open_out``, ``fuse_write_out``,
     ``fuse_init_out``, READDIRPLUS buffers).  :func:`in_header` packs ``fuse_in_header``.
 
-:class:`RingChannel`
+:class:`RingChannel` (over a :class:`SlotDriver`, ``tests.support.driver.Driver`` with a
+lean hot path: each slot owns its descriptors for good, replies are read in place)
     One request virtqueue seen from the driver: ``depth`` preallocated slots in guest
     memory, each with a 40-byte in-header buffer, an argument buffer, a 16-byte out-header
     buffer, a reply-body buffer and a data buffer (WRITE payload / READ destination, never
