@@ -15,6 +15,7 @@ import grp
 import inspect
 import json
 import os
+import re
 import resource
 import signal
 import sys
@@ -156,7 +157,8 @@ S, F, P, L, X, M, C, I = SECTIONS  # noqa: E741 - short section names for the ta
 @_opt("--allow-direct-io", section=F, is_flag=True, default=None,
       help="Honour O_DIRECT from guest applications on the host.")
 @_opt("--preserve-noatime", section=F, is_flag=True, default=None,
-      help="Keep O_NOATIME from the guest (vhostfs passes it through).")
+      help="Keep O_NOATIME from the guest (by default it is dropped: the host would refuse it "
+      "with EPERM on files the daemon does not own).")
 @_opt("--translate-uid", section=F, multiple=True, metavar="TYPE:SRC:DST:COUNT",
       help="Translate UIDs between guest and host (guest, host, squash-guest, squash-host, "
       "forbid-guest, map); repeatable.")
@@ -199,7 +201,7 @@ S, F, P, L, X, M, C, I = SECTIONS  # noqa: E741 - short section names for the ta
       help="virtiofsd's legacy options: source=DIR, cache=auto|always|none|metadata, "
       "loglevel=debug|info|warn|err, sandbox=, xattrmap=, modcaps=, [no_]xattr, "
       "[no_]readdirplus, [no_]writeback, [no_]allow_direct_io, announce_submounts, "
-      "[no_]killpriv_v2, [no_]posix_acl, [no_]security_label, no_posix_lock, no_flock. "
+      "[no_]killpriv_v2, [no_]posix_acl, [no_]security_label, [no_]posix_lock, [no_]flock. "
       "They override the long options.")
 @_opt("--socket", "socket_alias", section=C, metavar="PATH", type=click.Path(dir_okay=False),
       help="Same as --socket-path [deprecated].")
@@ -296,7 +298,7 @@ def build_config(opts: dict, *, available: frozenset[str] | None = None,
         requested.setdefault("xattr", True)          # "implies --xattr", as in virtiofsd
     if o.get("no_readdirplus") is not None:
         requested["readdirplus"] = not o["no_readdirplus"]
-    for name in ("posix_lock", "flock"):             # only from -o no_posix_lock / no_flock
+    for name in ("posix_lock", "flock"):             # only from -o [no_]posix_lock / [no_]flock
         if name in o:
             requested[name] = o[name]
     fs_options = resolve_fs_options(
@@ -366,6 +368,14 @@ def apply_rlimit_nofile(limit: int | None) -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def _option_names(message: str) -> str:
+    """A PassthroughFs message with its parameter names spelled as the options."""
+    for kwarg, opt in FS_OPTIONS.items():
+        if not opt.flag.startswith("-o "):
+            message = re.sub(rf"\b{kwarg}\b", opt.flag.replace("--no-", "--"), message)
+    return message
+
+
 def serve(config: Config) -> int:
     """Run the daemon for ``config``: logging, limits, metrics, readiness; exit status."""
     from vhostfs import log, sdnotify
@@ -386,6 +396,10 @@ def serve(config: Config) -> int:
     except OSError as exc:
         click.echo(f"vhostfs: {exc}", err=True)
         return 1
+    except ValueError as exc:
+        # PassthroughFs refuses a combination or value of its options it cannot honour.
+        click.echo(f"vhostfs: {_option_names(str(exc))}", err=True)
+        return 2
     daemon.server.observer = metrics.record
 
     def on_listening(listener) -> None:

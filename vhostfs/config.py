@@ -131,8 +131,10 @@ _COMPAT_FLAGS: dict[str, tuple[str, object]] = {
     "killpriv_v2": ("killpriv_v2", True), "no_killpriv_v2": ("killpriv_v2", False),
     "posix_acl": ("posix_acl", True), "no_posix_acl": ("posix_acl", False),
     "security_label": ("security_label", True), "no_security_label": ("security_label", False),
-    # virtiofsd accepts these two and has no locks; vhostfs checks them like any option.
-    "no_posix_lock": ("posix_lock", False), "no_flock": ("flock", False),
+    # virtiofsd 1.13 has no locks and accepts only the "no_" forms; libvirt sends both
+    # forms (<lock posix= flock=>), and vhostfs has the locks: both are wired.
+    "posix_lock": ("posix_lock", True), "no_posix_lock": ("posix_lock", False),
+    "flock": ("flock", True), "no_flock": ("flock", False),
 }
 
 
@@ -186,17 +188,17 @@ FS_OPTIONS: dict[str, FsOption] = {o.kwarg: o for o in (
     FsOption("--xattrmap", "xattrmap", None),
     FsOption("--security-label", "security_label", False),
     FsOption("--killpriv-v2", "killpriv_v2", False),
-    FsOption("--announce-submounts", "announce_submounts", False),
+    FsOption("--announce-submounts", "announce_submounts", True),
     FsOption("--inode-file-handles", "inode_file_handles", "never"),
     FsOption("--allow-mmap", "allow_mmap", False),
     FsOption("--no-readdirplus", "readdirplus", True),
     FsOption("--writeback", "writeback", False),
     FsOption("--allow-direct-io", "allow_direct_io", False),
-    FsOption("--preserve-noatime", "preserve_noatime", True),   # O_NOATIME is passed through
+    FsOption("--preserve-noatime", "preserve_noatime", False),
     FsOption("--translate-uid", "translate_uid", ()),
     FsOption("--translate-gid", "translate_gid", ()),
-    FsOption("-o no_posix_lock", "posix_lock", False),
-    FsOption("-o no_flock", "flock", False),
+    FsOption("-o posix_lock", "posix_lock", True),
+    FsOption("-o flock", "flock", True),
 )}
 
 
@@ -229,7 +231,7 @@ def _normal(value: object) -> object:
 def _spelled(opt: FsOption, value: object) -> str:
     if isinstance(value, bool):
         if opt.flag.startswith("-o "):
-            return opt.flag
+            return opt.flag if value else "-o no_" + opt.flag[3:]
         if opt.flag.startswith("--no-"):
             return opt.flag if value is False else "--" + opt.flag[5:]
         return opt.flag if value else "--no-" + opt.flag[2:]

@@ -117,7 +117,7 @@ def test_help_marks_options_passthrough_lacks(monkeypatch):
     line = {l.split()[0]: l for l in out.splitlines() if l.strip().startswith("--")}
     assert "not supported" not in line["--xattr"]
     assert "not supported by vhostfs yet" in line["--writeback"]
-    assert "not supported" not in line["--preserve-noatime"]    # vhostfs keeps O_NOATIME
+    assert "not supported by vhostfs yet" in line["--preserve-noatime"]
 
 
 # --- --print-capabilities -------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_compat_flags_all_known():
     flags = ["xattr", "no_xattr", "readdirplus", "no_readdirplus", "writeback", "no_writeback",
              "allow_direct_io", "no_allow_direct_io", "announce_submounts", "killpriv_v2",
              "no_killpriv_v2", "posix_acl", "no_posix_acl", "security_label",
-             "no_security_label", "no_posix_lock", "no_flock"]
+             "no_security_label", "posix_lock", "no_posix_lock", "flock", "no_flock"]
     for flag in flags:
         (name, value), = parse_compat([flag]).items()
         assert value is (not flag.startswith("no_")), flag
@@ -438,9 +438,17 @@ def test_compat_fs_flags_wired(parse, share):
 
 
 def test_compat_defaults_accepted_without_support(parse, share):
-    """What libvirt sends for xattr='off' and <lock posix='off' flock='off'/>."""
-    c = ok(parse, ["--fd=3", "-o", f"source={share},no_xattr,no_flock,no_posix_lock,readdirplus"])
+    """Asking for what vhostfs does anyway needs no PassthroughFs parameter."""
+    c = ok(parse, ["--fd=3", "-o", f"source={share},no_xattr,readdirplus,flock,posix_lock"])
     assert c.fs_options == {}
+    fails(parse, ["--fd=3", "-o", f"source={share},no_flock"], "-o no_flock is not supported")
+
+
+def test_compat_locks_wired(parse, share):
+    """What libvirt sends for <lock posix='on|off' flock='on|off'/>."""
+    c = ok(parse, ["--fd=3", "-o", f"source={share},no_xattr,no_flock,posix_lock"],
+           available={"xattr", "flock", "posix_lock"})
+    assert c.fs_options == {"xattr": False, "flock": False, "posix_lock": True}
 
 
 def test_compat_unsupported_flag_refused(parse, share):
@@ -493,3 +501,20 @@ def test_entry_point_module():
     res = subprocess.run([sys.executable, "-m", "vhostfs", "--version"], capture_output=True,
                          text=True, cwd=os.path.dirname(cli.__file__) + "/..")
     assert res.returncode == 0 and "version" in res.stdout
+
+
+def test_every_fs_option_against_the_real_passthrough(tmp_path):
+    """Each option, as the CLI hands it over, is either taken by today's PassthroughFs or
+    refused with a message that names the option (never silently ignored)."""
+    from vhostfs.fs.passthrough import PassthroughFs
+    real = cli.passthrough_parameters()
+    for argv, kwarg, value in FS_CASES:
+        if kwarg not in real:
+            continue
+        try:
+            fs = PassthroughFs(str(tmp_path), **{kwarg: value})
+        except ValueError as exc:
+            message = cli._option_names(str(exc))
+            assert FS_OPTIONS[kwarg].flag.replace("--no-", "--") in message, (argv, message)
+        else:
+            fs.destroy()

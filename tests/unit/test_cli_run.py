@@ -185,3 +185,20 @@ def test_listen_fds_checks_pid(monkeypatch):
     monkeypatch.setenv("LISTEN_FDS", "garbage")
     monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
     assert sdnotify.listen_fds() == []
+
+
+def test_filesystem_refusal_is_exit_2_without_traceback(tmp_path):
+    """An option value PassthroughFs refuses at start (today e.g. --security-label or
+    --inode-file-handles=prefer) ends with status 2 and one line naming the option."""
+    from vhostfs.fs.passthrough import PassthroughFs
+    for argv, kwarg in ((["--security-label"], {"security_label": True}),
+                        (["--inode-file-handles=prefer"], {"inode_file_handles": "prefer"})):
+        try:
+            PassthroughFs(str(tmp_path), **kwarg).destroy()
+            continue                                  # implemented by now
+        except (TypeError, ValueError):
+            pass
+        proc = start(["--shared-dir", str(tmp_path), "--socket-path", str(tmp_path / "s"), *argv])
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 2, err
+        assert "Traceback" not in err and argv[0].split("=")[0] in err, err
