@@ -328,16 +328,37 @@ def test_translated_ids(share):
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root to switch credentials")
-def test_create_drops_root_groups(share):
-    """A create runs with the caller's fsuid/fsgid and only the groups the request
-    carries: root's own supplementary groups never grant access."""
+def test_create_credentials_and_group_fallback(share):
+    """Creates run as the caller: owned by it, refused where the guest could not have
+    allowed them either... but a request without a group list (Linux < 6.7) that the
+    host refuses only for lack of supplementary groups is made by the daemon and given
+    to the caller (the guest kernel checked with the full list)."""
     c = make(share)
     d = share / "d"
-    d.mkdir(mode=0o770)
+    d.mkdir()
+    os.chown(d, 0, 1001)
     os.chmod(d, 0o770)
-    os.chown(d, 0, 0)  # group root: the daemon is in it, the caller is not
     node = c.lookup(1, b"d")[0]
-    assert err(c.create, node, b"x", uid=1000, gid=1000) == errno.EACCES
+    entry, _ = c.create(node, b"x", uid=1000, gid=1000)
+    st = os.stat(d / "x")
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    body = abi.fuse_mkdir_in.pack(stat.S_IFDIR | 0o755, 0)
+    c.request(O.MKDIR, node, body + b"sub\0", uid=1000, gid=1000)
+    assert os.stat(d / "sub").st_uid == 1000
+    os.chmod(d, 0o2770)  # setgid parent: the group stays the directory's
+    c.request(O.MKNOD, node, abi.fuse_mknod_in.pack(stat.S_IFIFO | 0o600, 0, 0, 0) + b"p\0",
+              uid=1000, gid=1000)
+    st = os.lstat(d / "p")
+    assert (st.st_uid, st.st_gid) == (1000, 1001)
+    # a plain caller-owned create keeps its own ids and never uses the fallback
+    os.chmod(share, 0o777)
+    c.create(1, b"own", uid=1000, gid=1000)
+    assert os.stat(share / "own").st_uid == 1000
+    # EPERM-type refusals (not EACCES) are never retried as the daemon
+    os.chmod(share, 0o1777)
+    (share / "rootfile").write_bytes(b"")
+    assert err(c.request, O.MKNOD, 1, abi.fuse_mknod_in.pack(stat.S_IFCHR | 0o600, 0x0103, 0, 0)
+               + b"dev\0", uid=1000, gid=1000) == errno.EPERM
 
 
 def test_options_in_init(share):
@@ -398,3 +419,22 @@ print(sorted(errs))
                          cwd=os.path.dirname(__file__))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"[{errno.ENFILE}]"
+
+
+# --- attribute sanity ---------------------------------------------------------------------
+def test_attr_sanity_caps_and_type_change(share):
+    from vhostfs import hostsys
+    from vhostfs.fs.passthrough.filesystem import to_attr
+
+    st = hostsys.Statx(0, 0o100644, 1, 0, 0, 0, 7, (1 << 64) - 1, (1 << 64) - 1, 4096,
+                       0, 2_000_000_000, 0, 0, 0, 0, 1, 1)
+    a = to_attr(st)
+    assert a.size == a.blocks == (1 << 63) - 1 and a.atimensec == 999_999_999
+    # the same (dev, ino, mnt_id) with another file type is a new nodeid, never a reuse
+    fs = PassthroughFs(str(share))
+    (share / "f").write_bytes(b"")
+    real = hostsys.statx(os.open(share / "f", os.O_PATH), b"", hostsys.AT_EMPTY_PATH)
+    one = fs.inodes.add_ref(os.open(share / "f", os.O_PATH), real)
+    as_dir = real._replace(mode=stat.S_IFDIR | 0o755)
+    two = fs.inodes.add_ref(os.open(share / "f", os.O_PATH), as_dir)
+    assert two.nodeid != one.nodeid and two.ftype == stat.S_IFDIR and one.ftype == stat.S_IFREG

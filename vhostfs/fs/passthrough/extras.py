@@ -18,6 +18,7 @@ from vhostfs import hostsys
 from vhostfs.fs import api
 from vhostfs.fs.api import Context, Entry
 from vhostfs.fs.passthrough import xattr as xattrs
+from vhostfs.fs.passthrough import inodes
 from vhostfs.fs.passthrough.handles import FileHandle
 from vhostfs.fs.passthrough.inodes import stat_fd
 
@@ -131,12 +132,15 @@ class ExtrasMixin:
             raise OSError(errno.EINVAL, "O_TMPFILE needs O_WRONLY or O_RDWR")
         host_flags = self._open_flags(flags) | os.O_TMPFILE | (flags & os.O_EXCL)
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
-        with self._as_caller(ctx):
-            fd = os.open(".", host_flags, perm, dir_fd=p.fd)
+        fd, give = self._create_as_caller(ctx, p, lambda: os.open(".", host_flags, perm, dir_fd=p.fd))
         try:
+            if give:
+                self._give(ctx, p, fd=fd)
             if perm & self._proc_umask:
                 os.fchmod(fd, perm)
-            path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            # the magic link of the new fd (PROC_SELF_FD: the sandbox may move /proc)
+            proc_fd = getattr(inodes, "PROC_SELF_FD", "/proc/self/fd")
+            path_fd = os.open(f"{proc_fd}/{fd}", os.O_PATH | os.O_CLOEXEC)
             try:
                 st = stat_fd(path_fd)
             except BaseException:

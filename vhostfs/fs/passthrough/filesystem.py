@@ -71,9 +71,17 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+_S64_MAX = (1 << 63) - 1
+
+
 def to_attr(st: hostsys.Statx) -> Attr:
-    return Attr(st.ino, st.size, st.blocks, st.atime & _U64, st.mtime & _U64, st.ctime & _U64,
-                st.atime_nsec, st.mtime_nsec, st.ctime_nsec, st.mode, st.nlink, st.uid, st.gid,
+    """statx -> fuse_attr.  Sanity: the guest reads size and blocks as signed (loff_t,
+    blkcnt_t), so they are capped at 2**63-1 and never turn negative; nanoseconds are
+    capped at 999999999 and the mode keeps only the type and permission bits."""
+    return Attr(st.ino, min(st.size, _S64_MAX), min(st.blocks, _S64_MAX), st.atime & _U64,
+                st.mtime & _U64, st.ctime & _U64, min(st.atime_nsec, 999_999_999),
+                min(st.mtime_nsec, 999_999_999), min(st.ctime_nsec, 999_999_999),
+                st.mode & (stat.S_IFMT(st.mode) | 0o7777), st.nlink, st.uid, st.gid,
                 encode_rdev(st.rdev), st.blksize)
 
 
@@ -215,6 +223,44 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             yield
         finally:
             self.creds.leave()
+
+    def _create_as_caller(self, ctx: Context, parent: Inode, make):
+        """Run ``make()`` (a creation in ``parent``) as the caller -> (result, chown).
+
+        The host then checks the creation with the caller's fsuid, fsgid and the groups
+        the request carries.  A guest older than Linux 6.7 sends no supplementary groups
+        (FUSE_CREATE_SUPP_GROUP), so the host can refuse a creation that the guest
+        kernel -- which checked first, with the caller's full group list
+        (virtio-fs mounts are default_permissions) -- allowed through a supplementary
+        group.  Only then, and only when the request had no group list, the creation is
+        made with the daemon's credentials and ``chown`` is True: the caller must give
+        the new object to the guest caller (``_give``).  This grants nothing the guest
+        kernel had not granted; a guest kernel that lies about uids can claim uid 0
+        anyway."""
+        try:
+            with self._as_caller(ctx):
+                return make(), False
+        except PermissionError as e:
+            if (e.errno != errno.EACCES or ctx.groups or not self.creds.enabled
+                    or (ctx.uid == self._uid and ctx.gid == self._gid)):
+                raise
+            # Only where a supplementary group can make the difference: the directory
+            # grants write+search to a group that is not the caller's fsgid.
+            st = stat_fd(parent.fd)
+            if st.mode & 0o030 != 0o030 or st.gid == self.gidmap.to_host(ctx.gid):
+                raise
+        return make(), True
+
+    def _give(self, ctx: Context, parent: Inode, *, name: bytes | None = None,
+              fd: int | None = None) -> None:
+        """chown a new object to the (translated) caller; the group stays the one the
+        host chose when the parent is setgid (BSD group semantics)."""
+        uid = self.uidmap.to_host(ctx.uid)
+        gid = -1 if stat_fd(parent.fd).mode & stat.S_ISGID else self.gidmap.to_host(ctx.gid)
+        if fd is not None:
+            os.fchown(fd, uid, gid)
+        else:
+            os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
 
     def _lookup_in(self, parent: Inode, name: bytes) -> Entry:
         """Resolve one component under ``parent`` and account one lookup (+1)."""
@@ -383,9 +429,20 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         self._plain_name(name)
         if not target or b"\0" in target:
             raise OSError(errno.EINVAL, "invalid symlink target")
-        with self._as_caller(ctx):
-            os.symlink(target, name, dir_fd=p.fd)
+        _, give = self._create_as_caller(ctx, p, lambda: os.symlink(target, name, dir_fd=p.fd))
+        if give:
+            self._give_or_remove(ctx, p, name, os.unlink)
         return self._new_entry(p, name, None)
+
+    def _give_or_remove(self, ctx: Context, p: Inode, name: bytes, remove) -> None:
+        try:
+            self._give(ctx, p, name=name)
+        except BaseException:
+            try:
+                remove(name, dir_fd=p.fd)
+            except OSError:
+                pass
+            raise
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
         p = self._dir(parent)
@@ -401,8 +458,10 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         dev = os.makedev(((rdev >> 8) & 0xFFF), (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)) \
             if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
-        with self._as_caller(ctx):
-            os.mknod(name, (kind or stat.S_IFREG) | perm, dev, dir_fd=p.fd)
+        _, give = self._create_as_caller(
+            ctx, p, lambda: os.mknod(name, (kind or stat.S_IFREG) | perm, dev, dir_fd=p.fd))
+        if give:
+            self._give_or_remove(ctx, p, name, os.unlink)
         return self._new_entry(p, name, perm)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
@@ -410,8 +469,9 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         self._writable()
         self._plain_name(name)
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
-        with self._as_caller(ctx):
-            os.mkdir(name, perm, dir_fd=p.fd)
+        _, give = self._create_as_caller(ctx, p, lambda: os.mkdir(name, perm, dir_fd=p.fd))
+        if give:
+            self._give_or_remove(ctx, p, name, os.rmdir)
         return self._new_entry(p, name, perm)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
@@ -534,8 +594,15 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         host_flags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
         try:
-            with self._as_caller(ctx):
-                fd = os.open(name, host_flags, perm, dir_fd=p.fd)
+            fd, give = self._create_as_caller(
+                ctx, p, lambda: os.open(name, host_flags, perm, dir_fd=p.fd))
+            if give:
+                try:
+                    self._give(ctx, p, fd=fd)
+                except BaseException:
+                    os.close(fd)
+                    os.unlink(name, dir_fd=p.fd)
+                    raise
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
