@@ -11,6 +11,7 @@ systemd's own activation tool.
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import pathlib
 import shlex
@@ -102,16 +103,15 @@ def test_service_settings():
     assert k["ListenStream"] == "%t/vhostfs/%i.sock" and k["Accept"] == "no"
 
 
-def test_execstart_with_the_example_conf_is_a_valid_command_line(monkeypatch, tmp_path):
-    """ExecStart with /etc/vhostfs/NAME.conf's variables substituted as systemd does
-    (${VAR}: one word, $VAR: split on white space) parses, and takes the socket from
-    LISTEN_FDS."""
+def execstart_words(shared_dir: str) -> list[str]:
+    """vhostfs@.service's ExecStart with /etc/vhostfs/NAME.conf (the example) substituted
+    as systemd does: ${VAR} is one word, $VAR is split on white space."""
     env = {}
     for line in (UNITS / "vhostfs.conf.example").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition("=")
             env[key] = value
-    env["SHARED_DIR"] = str(tmp_path)
+    env["SHARED_DIR"] = shared_dir
     words = []
     for word in shlex.split(_unit("vhostfs@.service")["Service"]["ExecStart"]):
         if word.startswith("${") and word.endswith("}"):
@@ -120,6 +120,12 @@ def test_execstart_with_the_example_conf_is_a_valid_command_line(monkeypatch, tm
             words += env[word[1:]].split()
         else:
             words.append(word)
+    return words
+
+
+def test_execstart_with_the_example_conf_is_a_valid_command_line(monkeypatch, tmp_path):
+    """The unit's command line parses and takes the socket from LISTEN_FDS."""
+    words = execstart_words(str(tmp_path))
     assert words[0] == "/usr/local/bin/vhostfs"
     captured = []
     monkeypatch.setattr(cli, "serve", lambda c: captured.append(c) or 0)
@@ -146,10 +152,12 @@ def test_guest_mounts_through_socket_activation(tmp_path, monkeypatch):
     monkeypatch.setenv("NOTIFY_SOCKET", notify_path)       # inherited by the backend
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     # As vhostfs@.service runs it: no --socket-path/--fd, the socket arrives as LISTEN_FDS.
-    # systemd-socket-activate gives the child a clean environment: -E passes variables on.
+    # Exactly the unit's ExecStart (with the example conf), the installed entry point
+    # replaced by this checkout; systemd-socket-activate gives the child a clean
+    # environment: -E passes variables on.
+    words = execstart_words("{shared_dir}")
     backend = [ACTIVATE, "--listen={socket}", "-E", "NOTIFY_SOCKET", "-E", "PYTHONPATH",
-               sys.executable, "-m", "vhostfs",
-               "--shared-dir", "{shared_dir}", "--log-level", "{log_level}"]
+               sys.executable, "-m", "vhostfs", *words[1:]]
     try:
         res = GuestRunner(share, backend=backend, boot_timeout=180, timeout=300, keep=True).run(
             "cat /mnt/hello.txt && echo written > /mnt/out.txt && grep -c virtiofs /proc/mounts")
@@ -170,4 +178,6 @@ def test_guest_mounts_through_socket_activation(tmp_path, monkeypatch):
     assert messages and messages[0].startswith("READY=1\nSTATUS=waiting for a vhost-user frontend on fd 3")
     assert "STOPPING=1" in messages
     assert "Communication attempt on fd 3" in log       # systemd-socket-activate's own line
-    assert "socket='fd 3'" in log and "Traceback" not in log
+    assert '"socket": "fd 3"' in log and "Traceback" not in log     # --log-format json
+    stats = [json.loads(l) for l in log.splitlines() if '"fuse stats"' in l]
+    assert stats and stats[-1]["reason"] == "exit" and stats[-1]["requests"] > 0
