@@ -26,6 +26,9 @@ MAX_REQUEST_QUEUES = 16
 
 
 DAX_RANGE = 2 << 20                 # the guest's DAX range size (FUSE_DAX_SZ)
+# QEMU 11.1 turns every mapping into a vhost-user memory region (509 slots); a range takes
+# up to two (docs/dax.md "Limits").
+DAX_WINDOW_MAX = 500 << 20
 DAX_SHMEM_BITS = (21, 22)
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -69,6 +72,9 @@ class Config:
         if self.dax_window:
             if self.dax_window < 0 or self.dax_window % DAX_RANGE:
                 raise ConfigError(f"--dax-window: must be a multiple of 2 MiB, got {self.dax_window}")
+            if self.dax_window > DAX_WINDOW_MAX:
+                raise ConfigError(f"--dax-window: at most {DAX_WINDOW_MAX >> 20} MiB (each mapping is a "
+                                  f"vhost-user memory slot in QEMU 11.1), got {self.dax_window}")
             if self.readonly:
                 raise ConfigError("--dax-window cannot be used with --readonly (QEMU 11.1 does "
                                   "not enforce read-only mappings)")

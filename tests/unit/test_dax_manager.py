@@ -23,6 +23,15 @@ MiB = 1 << 20
 NO_FH = (1 << 64) - 1
 
 
+@pytest.fixture(autouse=True)
+def _collect_now():
+    """Filesystems and servers here live in reference cycles: free their fds now, not
+    during a later test that counts its open fds."""
+    yield
+    import gc
+    gc.collect()
+
+
 class RuleChannel:
     """QEMU 11.1's SHMEM checks on bookkeeping only (no mmap)."""
 
