@@ -225,3 +225,34 @@ def _catch(fn):
     except OSError as exc:
         return exc
     return None
+
+
+def test_concurrent_workers_and_main_socket_traffic(rig):
+    """Four FUSE workers map, upgrade and unmap their own ranges at once while the front end
+    also talks on the main socket; QEMU's ADD/REM_MEM_REG after each map must not stall."""
+    nodeid = rig.create("f", os.urandom(8 * R + 77))
+    errors = []
+
+    def worker(slot):
+        try:
+            for i in range(15):
+                foffset = ((slot + i) % 5) * R
+                rig.setup(nodeid, foffset, slot * R)
+                assert rig.fe.window.read(slot * R, 8) == (rig.share / "f").read_bytes()[foffset:foffset + 8]
+                rig.setup(nodeid, foffset, slot * R, write=True)
+                rig.remove((slot * R, R))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        rig.fe.get_u64(m.Request.GET_FEATURES)
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads), "a worker is stuck"
+    assert not errors, errors
+    assert rig.fe.window.mappings == {} and len(rig.manager.window) == 0
+    assert rig.manager.stats["upgrade"] == 60
