@@ -421,5 +421,5 @@ def serve(config: Config) -> int:
     finally:
         signal.signal(signal.SIGUSR1, previous)
         sdnotify.notify("STOPPING=1")
-        metrics.dump("exit")
+        metrics.dump("exit", skip_empty=True)
     return status

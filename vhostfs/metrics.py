@@ -97,10 +97,15 @@ class Metrics:
             }
         return out
 
-    def dump(self, reason: str) -> None:
-        """Log the counters at info level: one line per opcode, then a total."""
+    def dump(self, reason: str, *, skip_empty: bool = False) -> None:
+        """Log the counters at info level: one line per opcode, then a total.
+
+        ``skip_empty``: log nothing when no request was recorded (the exit dump of a
+        process that served none, e.g. a sandbox parent waiting for its child)."""
         snap = self.snapshot()
         total = sum(s["count"] for s in snap.values())
+        if skip_empty and not total:
+            return
         errors = sum(s["errors"] for s in snap.values())
         for name, s in snap.items():
             log.info("fuse op stats", op=name, count=s["count"], errors=s["errors"],

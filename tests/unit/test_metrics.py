@@ -177,3 +177,14 @@ def test_configure_syslog_routes_through_syslog(monkeypatch):
     assert sent[0] == ("open", ("vhostfs", syslog.LOG_PID, syslog.LOG_DAEMON))
     assert len(sent) == 2 and sent[1][0] == syslog.LOG_WARNING
     assert '"event": "careful"' in sent[1][1] and '"x": 1' in sent[1][1]
+
+
+def test_exit_dump_skips_an_empty_session(captured):
+    m = Metrics()
+    m.dump("exit", skip_empty=True)
+    assert captured == []
+    m.dump("SIGUSR1")
+    assert [e["event"] for e in captured] == ["fuse stats"]
+    m.record(O.STATFS, 1, 1, 0, 10)
+    m.dump("exit", skip_empty=True)
+    assert [e["event"] for e in captured][-2:] == ["fuse op stats", "fuse stats"]
