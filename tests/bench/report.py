@@ -168,6 +168,8 @@ def markdown(doc: dict) -> str:
         header.append("target met")
         rows = []
         for x in rat:
+            if not any((x.get(ref) or {}).get("ops") is not None for ref in refs):
+                continue           # no reference served this cell (e.g. 4 queues): nothing to compare
             row = [x["workload"], str(x["queues"]), str(x["depth"]), f">= {x['target']:.1f}x"]
             for ref in refs:
                 v = x.get(ref) or {}
