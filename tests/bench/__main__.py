@@ -1,7 +1,7 @@
 """`python3 -m tests.bench`: run every backend through every workload cell and report.
 
 Settings (command-line options override the environment):
-  BENCH_QUICK=1           ~2 minute smoke: 1 s per cell, 20,000-inode RSS item
+  BENCH_QUICK=1           ~2 minute smoke: 0.75 s per cell, 10,000-inode RSS item
   BENCH_SECONDS, BENCH_WARMUP   measured / warm-up seconds per cell (default 6 / 0.5)
   BENCH_BACKENDS          comma list of vhostfs, virtiofsd-rust, virtiofsd-c (default: all)
   BENCH_WORKLOADS         comma list of workload names (default: all)
@@ -56,11 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="measure nothing: rewrite results.md and the chart from a results.json")
     a = ap.parse_args(argv)
     if a.seconds <= 0:
-        a.seconds = 1.0 if a.quick else 6.0
+        a.seconds = 0.75 if a.quick else 6.0
     if a.warmup < 0:
-        a.warmup = 0.25 if a.quick else 0.5
+        a.warmup = 0.2 if a.quick else 0.5
     if a.rss_inodes < 0:
-        a.rss_inodes = 20_000 if a.quick else 100_000
+        a.rss_inodes = 10_000 if a.quick else 100_000
     return a
 
 
