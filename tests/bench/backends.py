@@ -44,14 +44,21 @@ def _vhostfs_spec() -> BackendSpec:
     if "--socket-path" not in help_text:
         raise BackendUnavailable("`python3 -m vhostfs --help` shows no --socket-path")
     has_queues = "--num-request-queues" in help_text
+    # Same isolation as the Rust reference (--sandbox none): one process, so its CPU and RSS
+    # are the file server's, not a waiting sandbox parent's.
+    has_sandbox = "--sandbox" in help_text
 
     def argv(sock: str, shared: str, queues: int) -> list[str]:
         cmd = [py, "-m", "vhostfs", "--socket-path", sock, "--shared-dir", shared, "--log-level", "error"]
         if has_queues:
             cmd += ["--num-request-queues", str(queues)]
+        if has_sandbox:
+            cmd += ["--sandbox", "none"]
         return cmd
 
-    notes = [] if has_queues else ["CLI has no --num-request-queues: default queue count"]
+    notes = ["--sandbox none"] if has_sandbox else []
+    if not has_queues:
+        notes.append("CLI has no --num-request-queues: default queue count")
     return BackendSpec("vhostfs", argv, _git_version(), notes)
 
 
