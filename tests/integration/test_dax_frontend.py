@@ -256,3 +256,21 @@ def test_concurrent_workers_and_main_socket_traffic(rig):
     assert not errors, errors
     assert rig.fe.window.mappings == {} and len(rig.manager.window) == 0
     assert rig.manager.stats["upgrade"] == 60
+
+
+def test_growth_within_the_shadow_page_is_applied_in_place(rig):
+    """No unmap/map under a running guest when the file only grows inside its last page, and
+    none for an mtime-only change (a guest store through the window changes the mtime)."""
+    nodeid = rig.create("f", b"0123456789")
+    rig.setup(nodeid, 0, 0, write=True)
+    sent = len(rig.fe.requests)
+    with open(rig.share / "f", "ab") as f:
+        f.write(b"abcdefghij")
+    assert rig.fs.getattr(rig.ctx(), nodeid, None)[0].size == 20
+    assert rig.fe.window.read(0, 20) == b"0123456789abcdefghij"
+    rig.fe.window.write(3, b"X")                        # a guest store, then a host mtime bump
+    os.utime(rig.share / "f", ns=(1, 2))
+    rig.fs.getattr(rig.ctx(), nodeid, None)
+    assert len(rig.fe.requests) == sent and rig.manager.stats["refresh"] == 0
+    rig.manager.flush_inode(nodeid)
+    assert (rig.share / "f").read_bytes() == b"012X456789abcdefghij"

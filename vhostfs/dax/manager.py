@@ -13,10 +13,10 @@ SHMEM_MAP / SHMEM_UNMAP with NEED_REPLY).  Front-end rules it keeps (dax.md §2.
   one-page *shadow* memfd holding a copy of it (window.py).  Guest stores into that page
   (DAX write(2) or a shared mmap) are written back to the file - only the bytes that
   changed, never past the current end of the file - on FSYNC, FLUSH, before a WRITE to the
-  inode, on REMOVEMAPPING, upgrade, FORGET, reset and disconnect.  Host-side writes to that
-  one page are seen by the guest at its next re-map (any size or mtime change the guest is
-  told about re-plans the range).  All other pages are the file itself and coherent both
-  ways.
+  inode, on REMOVEMAPPING, upgrade, FORGET, reset and disconnect.  When the file grows
+  the new bytes are copied in (or the range re-planned) before the guest is told the new
+  size.  Host-side writes into that one page *below the old end* are seen by the guest only
+  once the range is mapped again.  All other pages are the file itself, coherent both ways.
 
 Locking: one lock serialises every mapping change, held across the front end's reply
 (QEMU handles these one at a time anyway).  The thread that reads the main vhost-user
@@ -315,13 +315,23 @@ class DaxManager:
                       moffset=hex(mapping.moffset), error=str(exc))
 
     def _refresh_locked(self, mapping: Mapping, size: int, mtime_ns: int) -> None:
-        if size == mapping.file_size and mtime_ns == mapping.file_mtime_ns:
+        """The file is ``size`` bytes now.  A size change that keeps the range's layout
+        (the file still ends in the same shadowed page, or past the range) is applied in
+        place: the bytes that appeared are copied into the shadow, nothing is unmapped, so
+        a guest using the range concurrently never sees a gap.  Any other size change
+        re-plans the range (exact unmaps, then maps).  An mtime-only change does nothing:
+        re-mapping on every guest store would open gaps under a running guest."""
+        if size == mapping.file_size:
             return
         fd = mapping.extra.get("fd")
         if fd is None:
             return
         pieces = plan_pieces(mapping.moffset, mapping.foffset, mapping.length, size) \
             if size > mapping.foffset else ()
+        if pieces == mapping.pieces:
+            self._grow_shadow_in_place(mapping, size)
+            mapping.file_size, mapping.file_mtime_ns = size, mtime_ns
+            return
         try:
             channel = self._channel()
             keep = os.dup(fd)
@@ -341,6 +351,28 @@ class DaxManager:
             self.window.drop(mapping.moffset)
             self._discard(mapping)
             log.error("DAX range could not be re-planned; it is unmapped", nodeid=mapping.nodeid,
+                      moffset=hex(mapping.moffset), error=str(exc))
+
+    @staticmethod
+    def _grow_shadow_in_place(mapping: Mapping, size: int) -> None:
+        """Copy the file bytes between the old and the new end into the shadow page."""
+        extra = mapping.extra
+        memfd, fd, piece = extra.get("memfd"), extra.get("fd"), extra.get("shadow")
+        if memfd is None or size <= mapping.file_size:
+            return
+        base = mapping.foffset + (piece.shm_offset - mapping.moffset)
+        start = max(mapping.file_size - base, 0)
+        end = min(size - base, PAGE_SIZE)
+        if end <= start:
+            return
+        try:
+            data = os.pread(fd, end - start, base + start)
+            os.pwrite(memfd, data, start)
+            snapshot = bytearray(extra["snapshot"])
+            snapshot[start:start + len(data)] = data
+            extra["snapshot"] = bytes(snapshot)
+        except OSError as exc:
+            log.error("DAX shadow page could not be extended", nodeid=mapping.nodeid,
                       moffset=hex(mapping.moffset), error=str(exc))
 
 
