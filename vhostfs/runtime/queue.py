@@ -270,6 +270,10 @@ class QueueRunner:
             self._finish(chain.head, written, token)
 
     def _finish(self, head: int, written: int, token: CancelToken | None) -> None:
+        if token is not None:
+            # Closed before the request counts as finished: once stop() returns, no fd
+            # of this queue's requests is still open (or about to be closed).
+            token.close()
         with self.lock:
             self._complete_locked(head, written)
             self._inflight -= 1
@@ -277,8 +281,6 @@ class QueueRunner:
                 self._dedicated.discard(token)
             if self._inflight == 0:
                 self._idle.notify_all()
-        if token is not None:
-            token.close()
 
     def _complete_locked(self, head: int, written: int) -> None:
         if self.broken:
