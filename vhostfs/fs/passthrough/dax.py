@@ -79,14 +79,14 @@ class DaxPassthroughFs(PassthroughFs):
         # file_extending_write) and O_DIRECT ones; the others go through the window.
         self.dax.flush_inode(nodeid)
         try:
+            size_before = os.fstat(self.handles.file(fh).fd).st_size
+        except OSError:
+            size_before = None
+        try:
             n = super().write(ctx, nodeid, fh, offset, size, source, write_flags)
         finally:
             self.dax.file_changed(nodeid)
-        try:
-            extends = offset + n >= os.fstat(self.handles.file(fh).fd).st_size
-        except OSError:
-            extends = False
-        if extends:
+        if size_before is not None and offset + n > size_before:
             log.info("extending WRITE (not through the DAX window)", nodeid=nodeid,
                      offset=offset, size=n)
         return n
