@@ -131,7 +131,7 @@ def test_print_capabilities_is_libvirt_json():
     assert caps["type"] == "fs"
     assert isinstance(caps["features"], list) and all(isinstance(f, str) for f in caps["features"])
     assert set(caps["features"]) <= {"migrate-precopy", "separate-options"}
-    assert "migrate-precopy" not in caps["features"]          # no migration in vhostfs
+    assert "migrate-precopy" in caps["features"]              # vhostfs/migration (DEVICE_STATE)
 
 
 def test_print_capabilities_wins_over_other_options(parse):
@@ -341,16 +341,38 @@ def test_sandbox_options_refused_without_sandbox(parse, share, argv, message):
     fails(parse, ["--shared-dir", share, "--fd", "3", *argv], message)
 
 
+@pytest.mark.skipif(not HAS_SANDBOX, reason="vhostfs has no sandbox yet")
+@pytest.mark.parametrize("argv,field,value", [
+    (["--sandbox", "namespace"], "sandbox", "namespace"),
+    (["--sandbox", "chroot"], "sandbox", "chroot"),
+    (["--sandbox", "none"], "sandbox", "none"),
+    (["-o", "sandbox=chroot"], "sandbox", "chroot"),
+    (["--seccomp", "kill"], "seccomp", "kill"),
+    (["--seccomp", "log"], "seccomp", "log"),
+    (["--seccomp", "trap"], "seccomp", "trap"),
+    (["--modcaps=+sys_admin:-chown"], "modcaps", "+sys_admin:-chown"),
+])
+def test_sandbox_options_parsed_with_sandbox(parse, share, argv, field, value):
+    assert getattr(ok(parse, ["--shared-dir", share, "--fd", "3", *argv]), field) == value
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--uid-map", ":0:100000:65536:"], "--uid-map is not supported by vhostfs yet"),
     (["--gid-map", ":0:100000:65536:"], "--gid-map is not supported by vhostfs yet"),
-    (["--migration-mode", "find-paths"], "--migration-mode is not supported by vhostfs yet"),
-    (["--migration-on-error", "abort"], "--migration-on-error is not supported by vhostfs yet"),
     (["--migration-verify-handles"], "--migration-verify-handles is not supported by vhostfs yet"),
     (["--migration-confirm-paths"], "--migration-confirm-paths is not supported by vhostfs yet"),
 ])
 def test_unsupported_options_fail_by_name(parse, share, argv, message):
     fails(parse, ["--shared-dir", share, "--fd", "3", *argv], message)
+
+
+def test_migration_options(parse, share):
+    base = ["--shared-dir", share, "--fd", "3"]
+    cfg = ok(parse, base)
+    assert (cfg.migration_mode, cfg.migration_on_error) == ("find-paths", "abort")
+    cfg = ok(parse, [*base, "--migration-mode", "file-handles", "--migration-on-error", "guest-error"])
+    assert (cfg.migration_mode, cfg.migration_on_error) == ("file-handles", "guest-error")
+    fails(parse, [*base, "--migration-mode", "by-magic"], "--migration-mode")
 
 
 def test_sandbox_and_seccomp_none_accepted(parse, share):
