@@ -49,10 +49,14 @@ class XClient(Client):
         return entry[0], fh
 
 
-def make(share, **kw):
+def make(share, flags2=0xFFFFFFFF, **kw):
     cl = XClient(FuseServer(PassthroughFs(str(share), **kw)))
-    cl.init()
+    cl.init(flags2=flags2)
     return cl
+
+
+#: what a Linux 6.1 guest offers in flags2: no FUSE_CREATE_SUPP_GROUP (bit 34)
+OLD_KERNEL_FLAGS2 = 0xFFFFFFFF & ~(abi.FUSE_CREATE_SUPP_GROUP >> 32)
 
 
 @pytest.fixture
@@ -333,7 +337,8 @@ def test_create_credentials_and_group_fallback(share):
     allowed them either... but a request without a group list (Linux < 6.7) that the
     host refuses only for lack of supplementary groups is made by the daemon and given
     to the caller (the guest kernel checked with the full list)."""
-    c = make(share)
+    c = make(share, flags2=OLD_KERNEL_FLAGS2)
+    assert not c.server.flags & abi.FUSE_CREATE_SUPP_GROUP
     d = share / "d"
     d.mkdir()
     os.chown(d, 0, 1001)
@@ -438,3 +443,38 @@ def test_attr_sanity_caps_and_type_change(share):
     as_dir = real._replace(mode=stat.S_IFDIR | 0o755)
     two = fs.inodes.add_ref(os.open(share / "f", os.O_PATH), as_dir)
     assert two.nodeid != one.nodeid and two.ftype == stat.S_IFDIR and one.ftype == stat.S_IFREG
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to switch credentials")
+def test_create_supp_group_extension(share):
+    """FUSE_CREATE_SUPP_GROUP (Linux >= 6.7): the group the kernel sends is used for the
+    host's check, and the daemon never falls back to its own credentials."""
+    c = make(share)
+    assert c.server.flags & abi.FUSE_CREATE_SUPP_GROUP
+    d = share / "d"
+    d.mkdir()
+    os.chown(d, 0, 1001)
+    os.chmod(d, 0o770)
+    node = c.lookup(1, b"d")[0]
+
+    def create(name, groups, extlen=None):
+        body = abi.fuse_create_in.pack(os.O_RDWR | os.O_CREAT, stat.S_IFREG | 0o644, 0, 0) + name + b"\0"
+        body += bytes(-len(body) & 7)
+        ext = b""
+        if groups is not None:
+            payload = abi.fuse_supp_groups.pack(len(groups)) + b"".join(struct.pack("<I", g) for g in groups)
+            payload += bytes(-(8 + len(payload)) & 7)
+            ext = abi.fuse_ext_header.pack(8 + len(payload), abi.FUSE_EXT_GROUPS) + payload
+        hdr = abi.fuse_in_header.pack(40 + len(body) + len(ext), O.CREATE, 77, node, 1000, 1000, 1,
+                                      len(ext) // 8 if extlen is None else extlen, 0)
+        from test_fuse_fakes import FakeReader, FakeWriter
+        w = FakeWriter(4096)
+        c.server.handle(FakeReader(hdr + body + ext), w)
+        return abi.fuse_out_header.unpack_from(w.buf)[1]
+
+    assert create(b"with", [1001]) == 0
+    st = os.stat(d / "with")
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    assert create(b"without", None) == -errno.EACCES      # no fallback once negotiated
+    assert create(b"other", [1002]) == -errno.EACCES
+    assert create(b"bad", [1001], extlen=1000) == -errno.EINVAL

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import struct
 
 from vhostfs.fs.api import FileLock
 from vhostfs.fuse import abi, replies
@@ -68,6 +69,31 @@ class ExtendedOps:
         # SETXATTR carries a value of up to XATTR_SIZE_MAX after the name.
         self._max_body = max(self._max_body, abi.fuse_setxattr_in.size + XATTR_NAME_MAX + 1
                              + XATTR_SIZE_MAX)
+
+    # --- request extensions ------------------------------------------------------------
+    @staticmethod
+    def _extensions(body: bytes, extlen: int) -> tuple[bytes, tuple[int, ...]]:
+        """Split the extensions (``extlen`` 8-byte units at the end of the body) off ->
+        (body, supplementary groups).  Each is a fuse_ext_header {size, type}; only
+        FUSE_EXT_GROUPS is negotiated (FUSE_CREATE_SUPP_GROUP), others are skipped."""
+        n = extlen * 8
+        if n > len(body):
+            raise _einval("extensions longer than the request")
+        ext, body = body[len(body) - n:], body[:len(body) - n]
+        groups: tuple[int, ...] = ()
+        pos = 0
+        while pos < n:
+            size, typ = abi.fuse_ext_header.unpack_from(ext, pos)
+            if size < abi.fuse_ext_header.size or size % 8 or pos + size > n:
+                raise _einval("bad extension header")
+            if typ == abi.FUSE_EXT_GROUPS:
+                start = pos + abi.fuse_ext_header.size
+                (nr,) = abi.fuse_supp_groups.unpack_from(ext, start)
+                if abi.fuse_ext_header.size + 4 + 4 * nr > size:
+                    raise _einval("supplementary groups beyond their extension")
+                groups = struct.unpack_from(f"<{nr}I", ext, start + 4)
+            pos += size
+        return body, groups
 
     # --- locks --------------------------------------------------------------------------
     def _lk(self, body: bytes):

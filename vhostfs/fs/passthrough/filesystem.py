@@ -242,6 +242,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
                 return make(), False
         except PermissionError as e:
             if (e.errno != errno.EACCES or ctx.groups or not self.creds.enabled
+                    or getattr(self, "create_supp_group", False)
                     or (ctx.uid == self._uid and ctx.gid == self._gid)):
                 raise
             # Only where a supplementary group can make the difference: the directory
@@ -346,6 +347,10 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             want |= api.INIT_WRITEBACK_CACHE
         if self.allow_mmap:
             want |= api.INIT_DIRECT_IO_ALLOW_MMAP
+        if self.creds.enabled:
+            want |= api.INIT_CREATE_SUPP_GROUP
+        # With FUSE_CREATE_SUPP_GROUP the kernel sends the group that matters itself.
+        self.create_supp_group = bool(capable & api.INIT_CREATE_SUPP_GROUP and self.creds.enabled)
         self.writeback_on = bool(want & capable & api.INIT_WRITEBACK_CACHE)
         return want
 
