@@ -64,5 +64,8 @@ def listen_fds(*, unset_environment: bool = True) -> list[int]:
         return []
     fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
     for fd in fds:
-        os.set_inheritable(fd, False)
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass    # not open: adopting it fails later with a message naming the fd
     return fds

@@ -201,3 +201,13 @@ def test_filesystem_refusal_is_exit_2_without_traceback(tmp_path):
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 2, err
         assert "Traceback" not in err and argv[0].split("=")[0] in err, err
+
+
+def test_listen_fds_with_fd_3_closed_is_one_clear_line(tmp_path):
+    shim = ("import os,sys; os.environ['LISTEN_FDS']='1'; os.environ['LISTEN_PID']=str(os.getpid()); "
+            "os.execv(sys.executable, [sys.executable, '-m', 'vhostfs'] + sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", shim, "--shared-dir", str(tmp_path)],
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=30, close_fds=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "fd 3" in proc.stderr and "Traceback" not in proc.stderr
