@@ -33,8 +33,8 @@ from vhostfs.guestrun.cli import guest_run
 
 #: What ``--print-capabilities`` prints: the vhost-user.json "fs" backend capabilities
 #: libvirt reads.  "separate-options": the long options (--shared-dir, --cache, ...) work.
-#: No "migrate-precopy": vhostfs has no live migration.
-CAPABILITIES = {"type": "fs", "features": ["separate-options"]}
+#: "migrate-precopy": live migration through vhost-user DEVICE_STATE (vhostfs/migration).
+CAPABILITIES = {"type": "fs", "features": ["migrate-precopy", "separate-options"]}
 
 SECTIONS = ("Share and socket", "Filesystem", "Performance", "Logging and observability",
             "Sandbox and process", "Migration", "Legacy virtiofsd syntax", "Information")
@@ -188,10 +188,14 @@ S, F, P, L, X, M, C, I = SECTIONS  # noqa: E741 - short section names for the ta
       help="Set RLIMIT_NOFILE to N (0: leave it). Default: raise the soft limit to "
       "min(1000000, hard limit).")
 # -- migration -----------------------------------------------------------------------------
-@_opt("--migration-mode", section=M, type=click.Choice(MIGRATION_MODES),
-      help="Live migration state transfer (not supported yet).")
-@_opt("--migration-on-error", section=M, type=click.Choice(MIGRATION_ON_ERROR),
-      help="Live migration error policy (not supported yet).")
+@_opt("--migration-mode", section=M, type=click.Choice(MIGRATION_MODES), default=None,
+      help="How the migration destination finds the guest's inodes again: find-paths (by "
+      "path relative to the share; the default) or file-handles (by file handle: same "
+      "filesystem, needs CAP_DAC_READ_SEARCH).")
+@_opt("--migration-on-error", section=M, type=click.Choice(MIGRATION_ON_ERROR), default=None,
+      help="When the destination cannot find an inode or handle again: abort (fail the "
+      "migration, the source keeps running; the default) or guest-error (migrate, the guest "
+      "gets errors on the lost objects).")
 @_opt("--migration-verify-handles", section=M, is_flag=True, default=None,
       help="Live migration check (not supported yet).")
 @_opt("--migration-confirm-paths", section=M, is_flag=True, default=None,
@@ -239,8 +243,6 @@ _UNSUPPORTED = (
     ("--modcaps", lambda v: v is not None),
     ("--uid-map", bool),
     ("--gid-map", bool),
-    ("--migration-mode", lambda v: v is not None),
-    ("--migration-on-error", lambda v: v is not None),
     ("--migration-verify-handles", bool),
     ("--migration-confirm-paths", bool),
 )
@@ -327,6 +329,8 @@ def build_config(opts: dict, *, available: frozenset[str] | None = None,
         dax_window=parse_size(o["dax_window"]) if o.get("dax_window") else 0,
         dax_shmem_bit=int(o.get("dax_shmem_bit") or 22),
         dax_inode_min_size=parse_size(o.get("dax_inode_min_size") or "0"),
+        migration_mode=o.get("migration_mode") or "find-paths",
+        migration_on_error=o.get("migration_on_error") or "abort",
     ).validate()
 
 

@@ -67,6 +67,10 @@ class Config:
     dax_window: int = 0
     dax_shmem_bit: int = 22
     dax_inode_min_size: int = 0
+    # Live migration (vhostfs/migration, virtiofsd's --migration-mode/--migration-on-error):
+    # how the destination finds each inode again, and what a lost one does.
+    migration_mode: str = "find-paths"
+    migration_on_error: str = "abort"
 
     def validate(self) -> "Config":
         if self.dax_window:
@@ -82,6 +86,11 @@ class Config:
             raise ConfigError(f"--dax-shmem-bit: expected 21 or 22, got {self.dax_shmem_bit}")
         if self.dax_inode_min_size < 0:
             raise ConfigError(f"--dax-inode-min-size: expected >= 0, got {self.dax_inode_min_size}")
+        if self.migration_mode not in MIGRATION_MODES:
+            raise ConfigError(f"--migration-mode: expected one of {MIGRATION_MODES}, got {self.migration_mode!r}")
+        if self.migration_on_error not in MIGRATION_ON_ERROR:
+            raise ConfigError(f"--migration-on-error: expected one of {MIGRATION_ON_ERROR}, "
+                              f"got {self.migration_on_error!r}")
         if (self.socket_path is None) == (self.fd is None):
             raise ConfigError("exactly one of --socket-path, --fd or socket activation "
                               "(LISTEN_FDS) is required")

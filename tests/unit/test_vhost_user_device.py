@@ -127,13 +127,14 @@ def setup_ring(dev, index=0, num=256, base=0, enable=True):
 
 # -- negotiation --------------------------------------------------------------------------------
 def test_get_features_and_protocol_features(dev):
-    assert ack_value(call(dev, R.GET_FEATURES)) == VIRTIO_FEATURES == (1 << 32 | 1 << 30 | 1 << 29 | 1 << 28)
+    assert ack_value(call(dev, R.GET_FEATURES)) == VIRTIO_FEATURES == (1 << 32 | 1 << 30 | 1 << 29 | 1 << 28
+                                                                       | 1 << m.VHOST_F_LOG_ALL)
     pf = ack_value(call(dev, R.GET_PROTOCOL_FEATURES))
     for bit in (PF.MQ, PF.LOG_SHMFD, PF.REPLY_ACK, PF.BACKEND_REQ, PF.BACKEND_SEND_FD,
                 PF.CONFIGURE_MEM_SLOTS, PF.RESET_DEVICE, PF.CONFIG):
         assert pf & (1 << bit)
     assert pf == ALL_PROTOCOL | 1 << PF.CONFIG
-    assert not VIRTIO_FEATURES & (1 << m.VHOST_F_LOG_ALL)
+    assert not pf & (1 << PF.DEVICE_STATE)       # only with a migration backend
 
 
 def test_config_only_offered_with_a_tag(hooks):
@@ -151,7 +152,7 @@ def test_queue_num_and_mem_slots(dev, hooks):
 
 
 def test_unoffered_features_are_refused(dev):
-    assert ack_value(call(dev, R.SET_FEATURES, u64(1 << m.VHOST_F_LOG_ALL), need_reply=True)) == 1
+    assert ack_value(call(dev, R.SET_FEATURES, u64(1 << 24), need_reply=True)) == 1
     assert ack_value(call(dev, R.SET_PROTOCOL_FEATURES, u64(1 << PF.INBAND_NOTIFICATIONS), need_reply=True)) == 1
     assert ack_value(call(dev, R.SET_FEATURES, u64(VIRTIO_FEATURES), need_reply=True)) == 0
     assert dev.acked_features == VIRTIO_FEATURES
@@ -371,10 +372,15 @@ def test_ring_addresses_before_memory_fail(dev):
                           need_reply=True)) == 1
 
 
-def test_vring_log_flag_refused(dev):
+def test_vring_log_flag_accepted_unknown_flags_refused(dev):
     negotiate(dev)
     reply = call(dev, R.SET_VRING_ADDR, p.encode_vring_addr(0, RAM_UVA, RAM_UVA + 0x8000, RAM_UVA + 0x4000,
-                                                            flags=m.VHOST_VRING_F_LOG), need_reply=True)
+                                                            flags=m.VHOST_VRING_F_LOG, log_gpa=0x8000),
+                 need_reply=True)
+    assert ack_value(reply) == 0
+    assert dev.rings[0].log_used and dev.rings[0].log_gpa == 0x8000
+    reply = call(dev, R.SET_VRING_ADDR, p.encode_vring_addr(0, RAM_UVA, RAM_UVA + 0x8000, RAM_UVA + 0x4000,
+                                                            flags=0x2), need_reply=True)
     assert ack_value(reply) == 1
 
 

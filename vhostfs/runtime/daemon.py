@@ -110,9 +110,14 @@ class Daemon:
         """The vhost-user device for one frontend connection, with this daemon as its
         hooks.  GET_QUEUE_NUM reports 1 + ``num_request_queues``: the most request
         queues a frontend may start, each then gets its own thread and pool."""
+        from vhostfs.migration import MigrationBackend
+        migration = MigrationBackend(
+            self.server, self.fs, mode=getattr(self.config, "migration_mode", "find-paths"),
+            on_error=getattr(self.config, "migration_on_error", "abort"))
         return VhostUserDevice(self, tag=self.config.tag,
                                num_request_queues=self.config.num_request_queues,
-                               dax=self.dax, shmem_bit=getattr(self.config, "dax_shmem_bit", 22))
+                               dax=self.dax, shmem_bit=getattr(self.config, "dax_shmem_bit", 22),
+                               migration=migration)
 
     def _listener(self) -> socket.socket:
         if self.config.fd is not None:

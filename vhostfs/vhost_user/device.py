@@ -32,8 +32,11 @@ log = get_logger("vhostfs.vhost_user")
 R = m.Request
 PF = m.ProtocolFeature
 
+# VHOST_F_LOG_ALL: dirty logging for live migration (vhost-user.rst "Migration";
+# vhostfs/migration/dirtylog.py).
 VIRTIO_FEATURES = ((1 << m.VIRTIO_F_VERSION_1) | (1 << m.VIRTIO_RING_F_INDIRECT_DESC)
-                   | (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VHOST_USER_F_PROTOCOL_FEATURES))
+                   | (1 << m.VIRTIO_RING_F_EVENT_IDX) | (1 << m.VHOST_USER_F_PROTOCOL_FEATURES)
+                   | (1 << m.VHOST_F_LOG_ALL))
 PROTOCOL_FEATURES = sum(1 << bit for bit in (
     PF.MQ, PF.LOG_SHMFD, PF.REPLY_ACK, PF.BACKEND_REQ, PF.BACKEND_SEND_FD,
     PF.CONFIGURE_MEM_SLOTS, PF.RESET_DEVICE))
@@ -42,7 +45,7 @@ PROTOCOL_FEATURES = sum(1 << bit for bit in (
 # "Communication"): a failure we cannot encode in the reply closes the connection.
 EXPLICIT_REPLY = frozenset({R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE,
                             R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS, R.GET_CONFIG,
-                            R.GET_SHMEM_CONFIG})
+                            R.GET_SHMEM_CONFIG, R.SET_DEVICE_STATE_FD, R.CHECK_DEVICE_STATE})
 
 
 class DeviceHooks(Protocol):
@@ -76,7 +79,8 @@ def _close(fd: int | None) -> None:
 class Vring:
     """What the frontend told us about one ring."""
     __slots__ = ("index", "num", "desc_uva", "avail_uva", "used_uva", "base",
-                 "kick_fd", "call_fd", "err_fd", "enabled", "running", "queue")
+                 "kick_fd", "call_fd", "err_fd", "enabled", "running", "queue",
+                 "log_used", "log_gpa")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -89,6 +93,8 @@ class Vring:
         self.enabled = False
         self.running = False
         self.queue = None
+        self.log_used = False      # VHOST_VRING_F_LOG: log used-ring writes at log_gpa
+        self.log_gpa = 0
 
     def configured(self) -> bool:
         return self.num is not None and self.desc_uva is not None and self.kick_fd is not None
@@ -104,7 +110,7 @@ class VhostUserDevice:
 
     def __init__(self, hooks: DeviceHooks, *, tag: str | None, num_request_queues: int,
                  max_mem_slots: int = 509, queue_factory=None, dax=None,
-                 shmem_bit: int = m.SHMEM_BIT_QEMU) -> None:
+                 shmem_bit: int = m.SHMEM_BIT_QEMU, migration=None) -> None:
         if not 1 <= num_request_queues <= m.VRING_IDX_MASK:
             raise ConfigError(f"num_request_queues must be 1..{m.VRING_IDX_MASK}, got {num_request_queues}")
         if tag is not None:
@@ -129,6 +135,11 @@ class VhostUserDevice:
         self.backend_channel = None
         if dax is not None:
             self.protocol_features |= 1 << shmem_bit
+        # Live migration (vhostfs/migration): device state through SET_DEVICE_STATE_FD.
+        self.migration = migration
+        if migration is not None:
+            self.protocol_features |= 1 << PF.DEVICE_STATE
+        self.dirty_log = None      # a migration.dirtylog.DirtyLog while logging is on
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.owner = False
@@ -201,6 +212,7 @@ class VhostUserDevice:
             raise MessageError(f"{msg.name}: features 0x{value & ~self.features:x} were not offered")
         self.acked_features = value
         log.debug("virtio features acked", features=hex(value))
+        self._update_dirty_log()
 
     def _get_protocol_features(self, msg: Message) -> bytes:
         p.decode_empty(msg)
@@ -238,6 +250,7 @@ class VhostUserDevice:
             ring.close_fds()
         self.rings = [Vring(i) for i in range(self.num_queues)]
         self.acked_features = 0
+        self._update_dirty_log()
         self.hooks.reset()
         self._dax_reset()
         log.info("device reset by the frontend")
@@ -278,6 +291,8 @@ class VhostUserDevice:
     def _swap_memory(self, memory: GuestMemory) -> None:
         self.memory = memory
         log.debug("memory table changed", regions=len(memory))
+        if self.dirty_log is not None:
+            self.dirty_log.add_memory(memory)
         self.hooks.memory_changed(memory)
         for ring in self.rings:      # a ring kicked before the table arrived can start now
             if not ring.running and ring.configured():
@@ -307,7 +322,43 @@ class VhostUserDevice:
                                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         except (OSError, ValueError, OverflowError) as exc:
             raise MessageError(f"{msg.name}: cannot map the log: {exc}") from None
+        log.info("dirty log mapped", size=hex(size), covers=hex(size * 8 * 4096))
+        self._update_dirty_log(new_mapping=True)
         return p.encode_u64_reply(msg.request, 0)
+
+    # -- dirty logging (vhost-user.rst "Migration"; vhostfs/migration/dirtylog.py) --------
+    def logging(self) -> bool:
+        return bool(self.acked_features & (1 << m.VHOST_F_LOG_ALL)) and self.log_mapping is not None
+
+    def _update_dirty_log(self, new_mapping: bool = False) -> None:
+        """Turn logging on or off after SET_FEATURES / SET_LOG_BASE; a new log mapping
+        replaces the old one (QEMU resizes the log by sending a new base)."""
+        from vhostfs.migration.dirtylog import DirtyLog
+        from vhostfs.virtqueue import iov
+        old = self.dirty_log
+        if self.logging():
+            if old is None or new_mapping:
+                witness = bool(self.migration is not None and self.migration.witness_path)
+                dl = DirtyLog(self.log_mapping, self.memory, witness=witness)
+                if old is not None:
+                    dl.pages_marked = old.pages_marked
+                    if old.witness is not None and dl.witness is not None:
+                        dl.witness |= old.witness
+                    for start, end, gpa in old._ranges:
+                        if (start, end, gpa) not in dl._ranges:
+                            dl._ranges.append((start, end, gpa))
+                    dl._ranges.sort()
+                    dl._starts = [e[0] for e in dl._ranges]
+                self.dirty_log = dl
+                iov.set_dirty_log(dl)
+                log.info("dirty logging on", log_size=hex(dl.size))
+        elif old is not None:
+            self.dirty_log = None
+            iov.set_dirty_log(None)
+            log.info("dirty logging off", pages_marked=old.pages_marked)
+        for ring in self.rings:
+            if ring.running and hasattr(ring.queue, "set_dirty_log"):
+                ring.queue.set_dirty_log(self.dirty_log if ring.log_used else None, ring.log_gpa)
 
     def _set_log_fd(self, msg: Message) -> None:
         p.decode_empty(msg)
@@ -323,6 +374,41 @@ class VhostUserDevice:
         _close(self.backend_req_fd)
         self.backend_req_fd = msg.take_fd()
         self._replace_backend_channel()
+
+    # -- device state (vhost-user.rst "Migrating back-end state"; vhostfs/migration) ------
+    def _set_device_state_fd(self, msg: Message) -> bytes:
+        try:
+            if self.migration is None or not self._has_protocol(PF.DEVICE_STATE):
+                raise MessageError(f"{msg.name}: DEVICE_STATE was not negotiated")
+            p.expect_size(msg, m.DEVICE_STATE_PARAMS.size)
+            direction, phase = m.DEVICE_STATE_PARAMS.unpack(msg.payload)
+            p.expect_fds(msg, 1)
+            if direction not in (m.DEVICE_STATE_SAVE, m.DEVICE_STATE_LOAD):
+                raise MessageError(f"{msg.name}: unknown transfer direction {direction}")
+            if phase != m.DEVICE_STATE_PHASE_STOPPED:
+                raise MessageError(f"{msg.name}: unknown migration phase {phase}")
+            running = [r.index for r in self.rings if r.running]
+            if running:
+                # The phase is "stopped": the device must be suspended (every ring
+                # stopped with GET_VRING_BASE), or the state would change under us.
+                raise MessageError(f"{msg.name}: rings {running} are still running")
+            what = "save" if direction == m.DEVICE_STATE_SAVE else "load"
+            self.migration.start(what, msg.take_fd(), self.dirty_log)
+            log.info("device state transfer started", direction=what)
+        except Exception as exc:
+            log.error("vhost-user request failed", request=msg.name, error=str(exc))
+            return p.encode_u64_reply(msg.request, m.DEVICE_STATE_REPLY_NO_FD | 1)
+        return p.encode_u64_reply(msg.request, m.DEVICE_STATE_REPLY_NO_FD)
+
+    def _check_device_state(self, msg: Message) -> bytes:
+        try:
+            p.decode_empty(msg)
+            ok = self.migration is not None and self.migration.check()
+        except Exception as exc:
+            log.error("vhost-user request failed", request=msg.name, error=str(exc))
+            ok = False
+        log.info("device state checked", ok=ok)
+        return p.encode_u64_reply(msg.request, 0 if ok else 1)
 
     # -- DAX: shared memory region and the backend channel (docs/dax.md) ----------------
     def _replace_backend_channel(self) -> None:
@@ -411,14 +497,21 @@ class VhostUserDevice:
     def _set_vring_addr(self, msg: Message) -> None:
         addr = p.decode_vring_addr(msg)
         ring = self._ring(msg, addr.index)
-        if addr.flags & m.VHOST_VRING_F_LOG:
-            raise MessageError(f"{msg.name}: ring {addr.index}: used-ring logging requested, "
-                               "but VHOST_F_LOG_ALL was not offered")
-        if addr.flags:
+        if addr.flags & ~m.VHOST_VRING_F_LOG:
             raise MessageError(f"{msg.name}: ring {addr.index}: unknown flags 0x{addr.flags:x}")
+        log_used = bool(addr.flags & m.VHOST_VRING_F_LOG)
         self._check_ring_layout(msg, ring.index, ring.num or 1, addr.desc_uva, addr.avail_uva, addr.used_uva)
+        if (ring.running and (ring.desc_uva, ring.avail_uva, ring.used_uva)
+                == (addr.desc_uva, addr.avail_uva, addr.used_uva)):
+            # Only the logging changed (QEMU turns used-ring logging on and off this
+            # way during migration): no need to stop and drain the ring.
+            ring.log_used, ring.log_gpa = log_used, addr.log_gpa
+            if hasattr(ring.queue, "set_dirty_log"):
+                ring.queue.set_dirty_log(self.dirty_log if log_used else None, addr.log_gpa)
+            return
         with self._reconfigure(ring):
             ring.desc_uva, ring.avail_uva, ring.used_uva = addr.desc_uva, addr.avail_uva, addr.used_uva
+            ring.log_used, ring.log_gpa = log_used, addr.log_gpa
 
     def _check_ring_layout(self, msg, index, num, desc, avail, used) -> None:
         """Alignment and translation of the three ring parts (virtio 1.2 §2.7, table
@@ -513,6 +606,8 @@ class VhostUserDevice:
             queue.attach(self.memory)
         except VhostfsError as exc:
             raise MessageError(f"ring {ring.index}: cannot start: {exc}") from None
+        if ring.log_used and self.dirty_log is not None and hasattr(queue, "set_dirty_log"):
+            queue.set_dirty_log(self.dirty_log, ring.log_gpa)
         self.hooks.start_queue(ring.index, queue, ring.kick_fd, ring.call_fd)
         ring.running, ring.queue = True, queue
         if self.backend_channel is not None:
@@ -553,6 +648,10 @@ class VhostUserDevice:
         for fd in (self.log_fd, self.backend_req_fd):
             _close(fd)
         self.log_fd = self.backend_req_fd = None
+        if self.dirty_log is not None:
+            from vhostfs.virtqueue import iov
+            iov.set_dirty_log(None)
+            self.dirty_log = None
         # Dropping the snapshot unmaps guest memory once no request holds a view of it
         # (a Python mmap keeps a dup of its fd until then).
         self.log_mapping = None

@@ -69,6 +69,8 @@ class Request(enum.IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
     GET_SHMEM_CONFIG = 44
 
 
@@ -110,6 +112,9 @@ class ProtocolFeature(enum.IntEnum):
     INBAND_NOTIFICATIONS = 14
     CONFIGURE_MEM_SLOTS = 15
     STATUS = 16
+    XEN_MMAP = 17
+    SUSPEND = 18
+    DEVICE_STATE = 19
 
 
 # VHOST_USER_PROTOCOL_F_SHMEM moved while under review (dax.md §2.2): 22 in QEMU 11.1.3
@@ -138,6 +143,13 @@ LOG = struct.Struct("<QQ")                         # mmap_size, mmap_offset
 CONFIG_HEADER = struct.Struct("<III")              # offset, size, flags
 CONFIG_FLAG_WRITABLE = 0
 CONFIG_FLAG_MIGRATION = 1
+# Device state transfer parameters (SET_DEVICE_STATE_FD): u32 direction, u32 phase.
+DEVICE_STATE_PARAMS = struct.Struct("<II")
+DEVICE_STATE_SAVE = 0
+DEVICE_STATE_LOAD = 1
+DEVICE_STATE_PHASE_STOPPED = 0
+# SET_DEVICE_STATE_FD reply: bits 0-7 error (0 = success), bit 8 "no fd returned".
+DEVICE_STATE_REPLY_NO_FD = 0x100
 
 # VhostUserMMap (40 bytes): u8 shmid, u8 padding[7], u64 fd_offset, shm_offset, len, flags
 SHMEM_MMAP = struct.Struct("<B7xQQQQ")

@@ -20,7 +20,25 @@ import os
 
 from vhostfs.errors import VirtqueueError
 
-__all__ = ["GuestBufferTooSmall", "Reader", "Writer", "IOV_MAX"]
+__all__ = ["GuestBufferTooSmall", "Reader", "Writer", "IOV_MAX", "set_dirty_log"]
+
+#: vhost-user dirty logging (vhostfs.migration.dirtylog.DirtyLog) while the frontend
+#: has VHOST_F_LOG_ALL on: every Writer write into guest memory marks its pages.
+#: None (the normal case) costs one global load per write.
+dirty_log = None
+
+
+def set_dirty_log(log) -> None:
+    """Install (or with None remove) the dirty log every Writer marks."""
+    global dirty_log
+    dirty_log = log
+
+
+def _mark(views) -> None:
+    log = dirty_log
+    if log is not None:
+        for v in views:
+            log.mark_view(v, 0, len(v))
 
 try:
     IOV_MAX = os.sysconf("SC_IOV_MAX")
@@ -241,6 +259,8 @@ class Writer:
         end = off + n
         if end <= len(cur):
             cur[off:end] = data
+            if dirty_log is not None:
+                dirty_log.mark_view(cur, off, n)
             if end == len(cur):
                 self._i += 1
                 end = 0
@@ -249,10 +269,13 @@ class Writer:
             return
         src = memoryview(data)
         pos = 0
-        for dst in _slices(self._views, self._i, off, n):
+        dsts = _slices(self._views, self._i, off, n)
+        for dst in dsts:
             k = len(dst)
             dst[:] = src[pos:pos + k]
             pos += k
+        if dirty_log is not None:
+            _mark(dsts)
         self._advance(n)
 
     def pack(self, st, *values) -> None:
@@ -266,6 +289,8 @@ class Writer:
             end = off + n
             if end <= len(cur):
                 st.pack_into(cur, off, *values)
+                if dirty_log is not None:
+                    dirty_log.mark_view(cur, off, n)
                 if end == len(cur):
                     self._i += 1
                     end = 0
@@ -287,6 +312,8 @@ class Writer:
         first = views[0]
         if pos + n <= len(first):
             first[pos:pos + n] = data
+            if dirty_log is not None:
+                dirty_log.mark_view(first, pos, n)
             return
         i = 0
         while pos >= len(views[i]):
@@ -294,10 +321,13 @@ class Writer:
             i += 1
         src = memoryview(data)
         done = 0
-        for dst in _slices(views, i, pos, n):
+        dsts = _slices(views, i, pos, n)
+        for dst in dsts:
             k = len(dst)
             dst[:] = src[done:done + k]
             done += k
+        if dirty_log is not None:
+            _mark(dsts)
 
     def read_from_fd(self, fd: int, count: int, offset: int) -> int:
         """``os.preadv`` up to ``count`` bytes of ``fd`` at ``offset`` into the guest buffer.
@@ -310,6 +340,15 @@ class Writer:
         self._check("read_from_fd", count)
         if count == 0:
             return 0
-        done = _transfer(os.preadv, fd, _slices(self._views, self._i, self._off, count), offset)
+        iovs = _slices(self._views, self._i, self._off, count)
+        if dirty_log is None:
+            done = _transfer(os.preadv, fd, iovs, offset)
+        else:
+            # Mark what preadv may have written, also when it failed half-way.
+            dsts = list(iovs)
+            try:
+                done = _transfer(os.preadv, fd, iovs, offset)
+            finally:
+                _mark(dsts)
         self._advance(done)
         return done

@@ -98,6 +98,16 @@ class SplitQueue:
         self._signalled_count = 0             # _used_count at the last needs_notification()
         self._signalled_valid = False
         self._attached = False
+        # Dirty logging of used-ring writes (vhost-user.rst "Migration"): a DirtyLog and
+        # the ring's log_guest_addr while VHOST_VRING_F_LOG is set, else None.
+        self._log = None
+        self._log_addr = 0
+
+    def set_dirty_log(self, log, log_guest_addr: int = 0) -> None:
+        """Log every write into the used ring at ``log_guest_addr`` + its offset in the
+        ring (None: stop logging)."""
+        self._log_addr = log_guest_addr
+        self._log = log
 
     # -- setup ------------------------------------------------------------------------------
     def attach(self, memory) -> None:
@@ -184,6 +194,11 @@ class SplitQueue:
         self._used_count = count
         # §2.7.8.2: id and len are visible before the idx that publishes them.
         _store_release_u16(addr, count & 0xFFFF)
+        log = self._log
+        if log is not None:
+            log.mark_gpa(self._log_addr + USED_RING_OFFSET + (((count - 1) & self._mask) << 3),
+                         USED_ELEM_SIZE)
+            log.mark_gpa(self._log_addr + USED_IDX_OFFSET, 2)
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used buffer notification now (§2.7.7.2).
@@ -221,6 +236,8 @@ class SplitQueue:
             raise QueueBroken(f"queue {self.index}: disable_notification() before attach()")
         if not self.event_idx:
             _store_release_u16(self._used_flags_addr, USED_F_NO_NOTIFY)
+            if self._log is not None:
+                self._log.mark_gpa(self._log_addr, 2)
 
     def enable_notification(self) -> None:
         """Ask the driver to kick for the next buffer, then fence.
@@ -236,6 +253,10 @@ class SplitQueue:
             _store_release_u16(self._avail_event_addr, self.last_avail_idx)
         else:
             _store_release_u16(self._used_flags_addr, 0)
+        log = self._log
+        if log is not None:
+            log.mark_gpa(self._log_addr + (USED_RING_OFFSET + USED_ELEM_SIZE * self.size
+                                           if self.event_idx else 0), 2)
         # Store -> load ordering against the avail idx re-check.
         _fence()
 
