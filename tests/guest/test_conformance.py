@@ -43,7 +43,12 @@ REFERENCE_CMD = (f"{REFERENCE} --socket-path {{socket}} --shared-dir {{shared_di
                  " --xattr --posix-acl --killpriv-v2 --announce-submounts")
 
 #: Measured with virtiofsd 1.13 (tests/conformance/RESULTS.md): the items it fails.
-REFERENCE_FAILS: dict[str, str] = {}
+REFERENCE_FAILS: dict[str, str] = {
+    "tmpfile": "virtiofsd 1.13 answers FUSE_TMPFILE with ENOSYS (the guest reports EOPNOTSUPP)",
+    "ioctl_flags": "virtiofsd 1.13 serves no FUSE_IOCTL (FS_IOC_GETFLAGS is ENOTTY)",
+    "suid_clear": "virtiofsd 1.13 --killpriv-v2 keeps setuid/setgid after a write by the "
+                  "unprivileged owner",
+}
 #: Items no backend can pass with the Linux 6.1 guest (the guest kernel lacks the opcode
 #: or the protocol cannot carry the information); measured on both backends.
 GUEST_LIMITS: dict[str, str] = {}
@@ -66,6 +71,17 @@ def _build(dest: pathlib.Path) -> None:
         pytest.skip("gcc is needed to build the conformance suite")
     subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wno-format-truncation", "-o", str(dest),
                     str(SOURCE)], check=True)
+
+
+def prepare_entries(path: pathlib.Path, n: int, owner: tuple[int, int] | None = None) -> None:
+    """The readdir test's files, made on the host: a TCG guest needs minutes to create
+    10,000 files (three FUSE round trips each); listing them is what is tested."""
+    path.mkdir()
+    for i in range(n):
+        (path / f"entry-{i:05d}").touch(0o644)
+    if owner:
+        for p in [path, *path.iterdir()]:
+            os.chown(p, *owner)
 
 
 def _mount_submount(path: pathlib.Path) -> bool:
@@ -97,6 +113,8 @@ def layout(tmp_path_factory):
     (share / "host-rel-link").symlink_to("../outside-secret")
     (share / "host-abs-link-dir").symlink_to(base)
     _build(share / "conformance")
+    prepare_entries(share / "work" / "readdir10k", 10000)
+    prepare_entries(user_dir / "readdir10k", 2000, owner=(1000, 1000))
     mounted = _mount_submount(share / "submount")
     before = {p.name: p.stat().st_mtime_ns for p in base.iterdir()}
     yield dict(base=base, share=share, secret=secret, token=token, before=before)
@@ -119,6 +137,7 @@ def session(layout):
 
 def _run_suite(session, args: str, timeout: float = 600) -> dict[str, tuple[str, str]]:
     res = session.run(f"cd / && /tmp/cf {args}; echo suite-exit=$?", timeout=timeout)
+    print(f"--- /tmp/cf {args} ({res.duration:.1f} s)\n{res.output}")  # shown by pytest -rA
     results: dict[str, tuple[str, str]] = {}
     for line in res.output.splitlines():
         for status in ("not ok ", "ok ", "skip "):
@@ -138,7 +157,9 @@ def root_results(session, layout):
 
 @pytest.fixture(scope="module")
 def user_results(session, layout, root_results):
-    return _run_suite(session, f"--user {USER} --escape-token {layout['token']} /mnt/work-user")
+    # the 10,000-entry listing is done once, by root; the user lists 2,000
+    return _run_suite(session, f"--user {USER} --entries 2000 --escape-token {layout['token']}"
+                               " /mnt/work-user")
 
 
 def _expect(results, name: str, who: str) -> None:
@@ -176,6 +197,8 @@ def test_host_sees_guest_owners(root_results, user_results, layout):
 
 
 def test_host_sees_cleared_setuid(root_results, layout):
+    if BACKEND == "reference" and root_results.get("suid_clear", ("",))[0] == "not ok":
+        pytest.xfail(REFERENCE_FAILS["suid_clear"])
     suid = layout["share"] / "work" / "suid"
     assert os.stat(suid / "write").st_mode & 0o6000 == 0
     assert os.stat(suid / "trunc").st_mode & 0o4000 == 0
