@@ -4,7 +4,7 @@
 # Uses the apt sources already configured on the machine (no host names here).
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio attr acl xz-utils zstd)
+PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio attr acl xz-utils zstd libseccomp2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

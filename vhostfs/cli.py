@@ -175,11 +175,20 @@ S, F, P, L, X, M, C, I = SECTIONS  # noqa: E741 - short section names for the ta
 @_opt("--syslog", section=L, is_flag=True, help="Log to syslog (facility daemon) instead of stderr.")
 @_opt("-d", "debug", section=L, is_flag=True, help="Same as --log-level debug [deprecated].")
 # -- sandbox and process -------------------------------------------------------------------
-@_opt("--sandbox", section=X, type=click.Choice(SANDBOX_MODES), default="none", show_default=True,
-      help="Process isolation. vhostfs has none yet: only 'none' is accepted.")
+@_opt("--sandbox", section=X, type=click.Choice(SANDBOX_MODES), default=None,
+      help="Isolation: namespace (new mount/pid/net namespaces, the share as root; the default "
+      "as root), chroot (into the share), none (the default otherwise).")
 @_opt("--seccomp", section=X, type=click.Choice(SECCOMP_ACTIONS), default="none",
-      show_default=True, help="Syscall filter action. vhostfs has no filter yet: only 'none'.")
-@_opt("--modcaps", section=X, metavar="CAPS", help="Modify the kept capabilities (not supported yet).")
+      show_default=True, help="Action for a syscall outside the allow-list: kill, trap (the "
+      "Python stacks on stderr, then SIGSYS), log (allowed, logged by the kernel), none.")
+@_opt("--modcaps", section=X, metavar="CAPS",
+      help="Adjust the kept capabilities, e.g. +sys_admin:-mknod (with --sandbox "
+      "namespace|chroot, or alone).")
+@_opt("--keep-listening", section=X, is_flag=True,
+      help="After a frontend disconnects, wait for the next one (guest reboot, VMM restart).")
+@_opt("--max-inodes", section=X, type=click.IntRange(2, None), default=1 << 20,
+      show_default=True, help="Most inodes the guest may hold at once; beyond, new ones fail "
+      "with ENFILE until it forgets some.")
 @_opt("--uid-map", section=X, multiple=True, metavar=":NS:HOST:COUNT:",
       help="User namespace UID map for --sandbox namespace (not supported yet).")
 @_opt("--gid-map", section=X, multiple=True, metavar=":NS:HOST:COUNT:",
@@ -238,9 +247,6 @@ main.add_command(guest_run, "guest-run")
 
 #: Options with no feature behind them yet: (flag, test on the parsed value).
 _UNSUPPORTED = (
-    ("--sandbox", lambda v: v not in (None, "none")),
-    ("--seccomp", lambda v: v not in (None, "none")),
-    ("--modcaps", lambda v: v is not None),
     ("--uid-map", bool),
     ("--gid-map", bool),
     ("--migration-verify-handles", bool),
@@ -326,12 +332,20 @@ def build_config(opts: dict, *, available: frozenset[str] | None = None,
         readonly=bool(o.get("readonly")), num_request_queues=o.get("num_request_queues", 1),
         socket_group=o.get("socket_group"), rlimit_nofile=o.get("rlimit_nofile"),
         fs_options=fs_options,
+        sandbox=o.get("sandbox") or _default_sandbox(), seccomp=o.get("seccomp") or "none",
+        modcaps=o.get("modcaps"), keep_listening=bool(o.get("keep_listening")),
+        max_inodes=o.get("max_inodes") or (1 << 20),
         dax_window=parse_size(o["dax_window"]) if o.get("dax_window") else 0,
         dax_shmem_bit=int(o.get("dax_shmem_bit") or 22),
         dax_inode_min_size=parse_size(o.get("dax_inode_min_size") or "0"),
         migration_mode=o.get("migration_mode") or "find-paths",
         migration_on_error=o.get("migration_on_error") or "abort",
     ).validate()
+
+
+def _default_sandbox() -> str:
+    from vhostfs.sandbox import default_mode
+    return default_mode()
 
 
 def _sd_listen_fds() -> list[int]:

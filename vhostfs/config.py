@@ -67,6 +67,13 @@ class Config:
     dax_window: int = 0
     dax_shmem_bit: int = 22
     dax_inode_min_size: int = 0
+    # Sandbox, privileges and limits (vhostfs/sandbox, docs/hostile-inputs.md).  The
+    # CLI defaults --sandbox to namespace when run as root; "none" here (library use).
+    sandbox: str = "none"
+    seccomp: str = "none"
+    modcaps: str | None = None
+    keep_listening: bool = False
+    max_inodes: int = 1 << 20
     # Live migration (vhostfs/migration, virtiofsd's --migration-mode/--migration-on-error):
     # how the destination finds each inode again, and what a lost one does.
     migration_mode: str = "find-paths"
@@ -119,6 +126,15 @@ class Config:
             )
         if self.rlimit_nofile is not None and self.rlimit_nofile < 0:
             raise ConfigError(f"--rlimit-nofile: expected >= 0, got {self.rlimit_nofile}")
+        if self.sandbox not in SANDBOX_MODES:
+            raise ConfigError(f"--sandbox: expected one of {', '.join(SANDBOX_MODES)}, got {self.sandbox!r}")
+        if self.seccomp not in SECCOMP_ACTIONS:
+            raise ConfigError(f"--seccomp: expected one of {', '.join(SECCOMP_ACTIONS)}, got {self.seccomp!r}")
+        if self.modcaps is not None:
+            from vhostfs.sandbox.caps import parse_modcaps
+            parse_modcaps(self.modcaps)
+        if self.max_inodes < 2:
+            raise ConfigError(f"--max-inodes: expected >= 2, got {self.max_inodes}")
         return self
 
 

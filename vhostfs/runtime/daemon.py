@@ -19,6 +19,8 @@ from vhostfs.fuse.server import FuseServer
 from vhostfs.log import get_logger
 from vhostfs.runtime.cancel import InterruptRegistry
 from vhostfs.runtime.queue import QueueRunner
+from vhostfs import sandbox
+from vhostfs.sandbox import listen
 from vhostfs.vhost_user import transport
 from vhostfs.vhost_user.device import VhostUserDevice
 
@@ -138,6 +140,14 @@ class Daemon:
             # Inside the try: a SIGTERM right after readiness still ends cleanly.
             if self.on_listening is not None:
                 self.on_listening(listener)
+            # vhostfs/sandbox: --sandbox/--modcaps/--seccomp/--max-inodes (namespace mode
+            # forks: the parent only waits), then --keep-listening serves one frontend
+            # after another.
+            jail = sandbox.apply(self)
+            if jail.is_parent:
+                return jail.wait_child()
+            if getattr(self.config, "keep_listening", False):
+                return listen.serve_forever(self, listener) or 0
             sock, _ = listener.accept()
             listener.close()
             if self.config.socket_path:

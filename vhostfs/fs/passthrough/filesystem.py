@@ -25,7 +25,7 @@ from vhostfs.fs import api
 from vhostfs.fs.api import Attr, Context, DirSink, Entry, FileSystem, ReadSink, SetAttr, StatFs, WriteSource
 from vhostfs.fs.passthrough.handles import DirHandle, FileHandle, HandleTable
 from vhostfs.fs.passthrough.inodes import Inode, InodeTable, key_of, stat_fd
-from vhostfs.fs.passthrough import locks
+from vhostfs.fs.passthrough import inodes, locks
 from vhostfs.fs.passthrough import xattr as xattrs
 from vhostfs.fs.passthrough.creds import Credentials, IdMap
 from vhostfs.fs.passthrough.extras import ExtrasMixin
@@ -147,7 +147,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             timeout = max(timeout, 86400.0)
         self.timeout = timeout
         self.readonly = readonly
-        if not os.path.isdir("/proc/self/fd"):
+        if not os.path.isdir(inodes.PROC_SELF_FD):
             raise RuntimeError("/proc must be mounted: files are re-opened via /proc/self/fd")
         root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -622,7 +622,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         try:
             if perm & self._proc_umask and not self._default_acl(p):
                 os.fchmod(fd, perm)
-            path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            path_fd = os.open(f"{inodes.PROC_SELF_FD}/{fd}", os.O_PATH | os.O_CLOEXEC)
             try:
                 st = stat_fd(path_fd)
             except BaseException:

@@ -18,6 +18,13 @@ from vhostfs import hostsys
 
 _STATX_FLAGS = hostsys.AT_EMPTY_PATH | hostsys.AT_SYMLINK_NOFOLLOW
 ROOT_ID = 1
+#: Where this process's fds appear as magic links.  The sandbox (vhostfs/sandbox) sets it
+#: to "." with /proc/self/fd as the working directory once the host's /proc is gone.
+PROC_SELF_FD = "/proc/self/fd"
+#: Default bound on the inodes the guest may hold at once (root included).  A guest
+#: that never sends FORGET gets ENFILE for new inodes once it holds this many; the
+#: daemon sets it from --max-inodes (docs/hostile-inputs.md: resource limits).
+DEFAULT_MAX_INODES = 1 << 20
 
 
 class Inode:
@@ -34,7 +41,7 @@ class Inode:
     @property
     def proc_path(self) -> str:
         """/proc/self/fd/N: re-opens the inode itself (the magic link never resolves by name)."""
-        return f"/proc/self/fd/{self.fd}"
+        return f"{PROC_SELF_FD}/{self.fd}"
 
     def __del__(self) -> None:
         fd, self.fd = self.fd, -1
@@ -59,11 +66,30 @@ class InodeTable:
         if not stat.S_ISDIR(st.mode):
             raise NotADirectoryError(errno.ENOTDIR, "shared directory is not a directory")
         self._lock = threading.Lock()
+        self.max_inodes = DEFAULT_MAX_INODES
         self._next = ROOT_ID + 1
         self.root = Inode(ROOT_ID, root_fd, key_of(st), stat.S_IFDIR)
         self.root.nlookup = 1
         self._by_id: dict[int, Inode] = {ROOT_ID: self.root}
         self._by_key: dict[tuple[int, int, int], Inode] = {self.root.key: self.root}
+
+    def reroot(self, root_fd: int) -> None:
+        """Serve the directory open at ``root_fd`` (O_PATH, taken over) as the root.
+
+        For the sandbox, before the guest sent anything: the same shared directory as
+        seen from inside the new root, so no fd from outside it stays in use."""
+        st = stat_fd(root_fd)
+        if not stat.S_ISDIR(st.mode):
+            os.close(root_fd)
+            raise NotADirectoryError(errno.ENOTDIR, "new root is not a directory")
+        with self._lock:
+            if len(self._by_id) != 1:
+                os.close(root_fd)
+                raise RuntimeError("reroot with inodes in use")
+            self.root = Inode(ROOT_ID, root_fd, key_of(st), stat.S_IFDIR)
+            self.root.nlookup = 1
+            self._by_id = {ROOT_ID: self.root}
+            self._by_key = {self.root.key: self.root}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -90,6 +116,8 @@ class InodeTable:
             if inode is not None and inode.ftype == ftype and inode.nlookup > 0:
                 inode.nlookup += 1
                 dup = True
+            elif len(self._by_id) >= self.max_inodes:
+                inode = None
             else:
                 inode = Inode(self._next, fd, key, ftype)
                 self._next += 1
@@ -97,6 +125,10 @@ class InodeTable:
                 self._by_id[inode.nodeid] = inode
                 self._by_key[key] = inode
                 dup = False
+        if inode is None:
+            os.close(fd)
+            raise OSError(errno.ENFILE, f"inode table full ({self.max_inodes} inodes held by "
+                                        f"the guest; FORGET releases them)")
         if dup:
             os.close(fd)
         return inode
