@@ -10,7 +10,7 @@ export VHOSTFS_GUEST_BACKEND
 
 HOSTSYS_SRC := cffi_build/build_hostsys.py $(wildcard cffi_build/parts/*)
 
-.PHONY: all venv deps test test-unit test-guest demo clean distclean
+.PHONY: all venv deps test test-unit test-guest demo bench clean distclean
 all: test
 
 deps:
@@ -42,6 +42,12 @@ test-guest: deps venv
 
 demo: deps venv
 	scripts/demo.sh $(PY)
+
+# Backend benchmark (issue 7): vhostfs against the Rust and C virtiofsd through the same
+# simulated frontend; writes out/bench/results.{md,json,png}.  BENCH_QUICK=1 for a smoke run.
+bench: deps venv
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m tests.bench
 
 clean:
 	rm -rf build .pytest_cache .hypothesis *.egg-info vhostfs/_hostsys.c vhostfs/_hostsys.o
