@@ -31,6 +31,7 @@ def test_parse_size_refuses(text):
 
 
 def _config(tmp_path, **kw):
+    kw.setdefault("tag", "t")
     return Config(shared_dir=str(tmp_path), socket_path=str(tmp_path / "s"), **kw)
 
 
@@ -40,6 +41,7 @@ def _config(tmp_path, **kw):
     ({"dax_window": 64 * MiB, "readonly": True}, "--readonly"),
     ({"dax_shmem_bit": 20}, "--dax-shmem-bit"),
     ({"dax_inode_min_size": -1}, "--dax-inode-min-size"),
+    ({"dax_window": 64 * MiB, "tag": None}, "needs --tag"),
 ])
 def test_config_refuses(tmp_path, kw, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -49,7 +51,7 @@ def test_config_refuses(tmp_path, kw, needle):
 def test_daemon_wires_the_manager_into_fs_and_device(tmp_path):
     from vhostfs.fs.passthrough.dax import DaxPassthroughFs
     from vhostfs.runtime.daemon import Daemon
-    daemon = Daemon(_config(tmp_path, tag="t", dax_window=64 * MiB, dax_shmem_bit=21,
+    daemon = Daemon(_config(tmp_path, dax_window=64 * MiB, dax_shmem_bit=21,
                             dax_inode_min_size=MiB).validate())
     assert isinstance(daemon.fs, DaxPassthroughFs) and daemon.fs.dax is daemon.dax
     assert daemon.fs.dax_inode_min_size == MiB and daemon.dax.size == 64 * MiB
@@ -61,6 +63,6 @@ def test_daemon_wires_the_manager_into_fs_and_device(tmp_path):
 def test_daemon_without_dax_is_unchanged(tmp_path):
     from vhostfs.fs.passthrough.dax import DaxPassthroughFs
     from vhostfs.runtime.daemon import Daemon
-    daemon = Daemon(_config(tmp_path, tag="t").validate())
+    daemon = Daemon(_config(tmp_path).validate())
     assert daemon.dax is None and not isinstance(daemon.fs, DaxPassthroughFs)
     assert not daemon.make_device().protocol_features & (3 << 21)
