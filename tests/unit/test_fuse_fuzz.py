@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from test_fuse_fakes import FakeReader, FakeWriter
 from vhostfs.errors import VhostfsError
+from vhostfs.fs.api import EventCancel
 from vhostfs.fs.passthrough import PassthroughFs
 from vhostfs.fuse import abi
 from vhostfs.fuse.server import FuseServer
@@ -19,6 +20,15 @@ _SERVER = FuseServer(_FS)
 _SERVER.handle(FakeReader(abi.fuse_in_header.pack(104, abi.Opcode.INIT, 1, 0, 0, 0, 1, 0, 0)
                           + abi.fuse_init_in.pack(7, 38, 0, 0xFFFFFFFF, 0, *([0] * 11))),
                FakeWriter(4096))
+# Every issue-3 option on, and INIT_EXT flags2 offered (SETXATTR_EXT, supp-group extensions).
+_DIR2 = tempfile.TemporaryDirectory()
+_SERVER2 = FuseServer(PassthroughFs(_DIR2.name, posix_acl=True, killpriv_v2=True, writeback=True))
+_SERVER2.handle(FakeReader(abi.fuse_in_header.pack(104, abi.Opcode.INIT, 1, 0, 0, 0, 1, 0, 0)
+                           + abi.fuse_init_in.pack(7, 38, 0, 0xFFFFFFFF, 0xFFFFFFFF, *([0] * 11))),
+                FakeWriter(4096))
+# A waiting request (SETLKW on a held lock) must not hang the test: it is cancelled.
+_CANCELLED = EventCancel()
+_CANCELLED.set()
 
 OPCODES = [op.value for op in abi.Opcode if op not in (abi.Opcode.DESTROY, abi.Opcode.INIT)] + [0, 99]
 NAMES = st.sampled_from([b"a", b"b", b".", b"..", b"a/b", b"", b"x" * 300])
@@ -38,13 +48,15 @@ def bodies(draw):
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(opcode=st.sampled_from(OPCODES), nodeid=st.sampled_from([0, 1, 2, 3, 4, 2**64 - 1]),
        body=bodies(), len_delta=st.sampled_from([0, 0, 0, -1, 1, 100]),
-       capacity=st.sampled_from([16, 17, 100, 4096, 1 << 20]))
-def test_random_requests(opcode, nodeid, body, len_delta, capacity):
+       capacity=st.sampled_from([16, 17, 100, 4096, 1 << 20]), extlen=st.sampled_from([0, 0, 1, 3]),
+       options=st.booleans())
+def test_random_requests(opcode, nodeid, body, len_delta, capacity, extlen, options):
     data = abi.fuse_in_header.pack(max(40 + len(body) + len_delta, 0), opcode, 5, nodeid,
-                                   0, 0, 1, 0, 0) + body
+                                   0, 0, 1, extlen, 0) + body
     writer = FakeWriter(capacity)
+    server = _SERVER2 if options else _SERVER
     try:
-        n = _SERVER.handle(FakeReader(data), writer)
+        n = server.handle(FakeReader(data), writer, cancel=_CANCELLED)
     except VhostfsError:
         return
     if n == 0:

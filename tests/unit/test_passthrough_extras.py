@@ -383,7 +383,7 @@ def test_options_in_init(share):
     fh = plain.open(node, os.O_WRONLY | os.O_APPEND)
     plain.write(node, fh, 0, b"Y")
     assert (share / "f").read_bytes() == b"XbcY"
-    for bad in (dict(inode_file_handles="mandatory"), dict(security_label=True)):
+    for bad in (dict(inode_file_handles="mandatory"), dict(inode_file_handles="prefer")):
         with pytest.raises(ValueError):
             PassthroughFs(str(share), **bad)
 
@@ -478,3 +478,48 @@ def test_create_supp_group_extension(share):
     assert create(b"without", None) == -errno.EACCES      # no fallback once negotiated
     assert create(b"other", [1002]) == -errno.EACCES
     assert create(b"bad", [1001], extlen=1000) == -errno.EINVAL
+
+
+def _secctx_ext(records):
+    body = b""
+    for name, value in records:
+        rec = abi.fuse_secctx.pack(len(value), 0) + name + b"\0" + value
+        body += rec + bytes(-len(rec) & 7)
+    return abi.fuse_secctx_header.pack(8 + len(body), len(records)) + body
+
+
+def _create_with_ext(c, parent, name, ext, opcode=O.CREATE):
+    from test_fuse_fakes import FakeReader, FakeWriter
+    if opcode == O.CREATE:
+        body = abi.fuse_create_in.pack(os.O_RDWR | os.O_CREAT, stat.S_IFREG | 0o644, 0, 0) + name + b"\0"
+    else:
+        body = abi.fuse_mkdir_in.pack(stat.S_IFDIR | 0o755, 0) + name + b"\0"
+    body += bytes(-len(body) & 7)
+    hdr = abi.fuse_in_header.pack(40 + len(body) + len(ext), opcode, 9, parent, 0, 0, 1, len(ext) // 8, 0)
+    w = FakeWriter(4096)
+    c.server.handle(FakeReader(hdr + body + ext), w)
+    return abi.fuse_out_header.unpack_from(w.buf)[1]
+
+
+def test_security_label_contexts(share):
+    c = make(share, security_label=True)
+    assert c.server.flags & abi.FUSE_SECURITY_CTX
+    # what a guest without an LSM sends: an empty header (nr_secctx 0)
+    assert _create_with_ext(c, 1, b"plain", _secctx_ext([])) == 0
+    try:
+        os.setxattr(share / "plain", "security.vhostfs-probe", b"x")
+    except OSError:
+        pytest.skip("the host refuses security.* xattrs")
+    assert _create_with_ext(c, 1, b"f", _secctx_ext([(b"security.vhostfs", b"label_t\0")])) == 0
+    assert os.getxattr(share / "f", "security.vhostfs") == b"label_t\0"
+    assert _create_with_ext(c, 1, b"d", _secctx_ext([(b"security.vhostfs", b"dir_t")]), O.MKDIR) == 0
+    assert os.getxattr(share / "d", "security.vhostfs") == b"dir_t"
+    # only security.* names; malformed records refused
+    assert _create_with_ext(c, 1, b"g", _secctx_ext([(b"trusted.x", b"v")])) == -errno.EPERM
+    assert not (share / "g").exists()
+    bad = abi.fuse_secctx_header.pack(16, 1) + abi.fuse_secctx.pack(100, 0)
+    assert _create_with_ext(c, 1, b"h", bad) == -errno.EINVAL
+    # not negotiated: extensions are refused
+    plain = make(share, flags2=OLD_KERNEL_FLAGS2)
+    assert not plain.server.flags & (abi.FUSE_SECURITY_CTX | abi.FUSE_CREATE_SUPP_GROUP)
+    assert _create_with_ext(plain, 1, b"i", _secctx_ext([])) == -errno.EINVAL

@@ -71,6 +71,8 @@ class Context:
     kill_suidgid: bool = False
     #: supplementary groups the request carries (FUSE_CREATE_SUPP_GROUP, Linux >= 6.7)
     groups: tuple = ()
+    #: security contexts of a create-type request (FUSE_SECURITY_CTX): (xattr name, value)
+    secctx: tuple = ()
 
 
 @dataclass(slots=True)

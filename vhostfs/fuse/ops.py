@@ -72,28 +72,49 @@ class ExtendedOps:
 
     # --- request extensions ------------------------------------------------------------
     @staticmethod
-    def _extensions(body: bytes, extlen: int) -> tuple[bytes, tuple[int, ...]]:
+    def _extensions(body: bytes, extlen: int):
         """Split the extensions (``extlen`` 8-byte units at the end of the body) off ->
-        (body, supplementary groups).  Each is a fuse_ext_header {size, type}; only
-        FUSE_EXT_GROUPS is negotiated (FUSE_CREATE_SUPP_GROUP), others are skipped."""
+        (body, supplementary groups, security contexts).
+
+        Each extension starts like fuse_ext_header {size, type}.  FUSE_EXT_GROUPS (32)
+        carries fuse_supp_groups; types 0..FUSE_MAX_NR_SECCTX (31) are a
+        fuse_secctx_header whose type field is nr_secctx, followed by nr_secctx records
+        {fuse_secctx {size, padding}, name NUL, context[size]}, 8-byte aligned.  Other
+        types are skipped (never negotiated)."""
         n = extlen * 8
         if n > len(body):
             raise _einval("extensions longer than the request")
         ext, body = body[len(body) - n:], body[:len(body) - n]
         groups: tuple[int, ...] = ()
+        secctx: list[tuple[bytes, bytes]] = []
         pos = 0
+        hdr = abi.fuse_ext_header.size
         while pos < n:
             size, typ = abi.fuse_ext_header.unpack_from(ext, pos)
-            if size < abi.fuse_ext_header.size or size % 8 or pos + size > n:
+            if size < hdr or size % 8 or pos + size > n:
                 raise _einval("bad extension header")
+            end = pos + size
             if typ == abi.FUSE_EXT_GROUPS:
-                start = pos + abi.fuse_ext_header.size
-                (nr,) = abi.fuse_supp_groups.unpack_from(ext, start)
-                if abi.fuse_ext_header.size + 4 + 4 * nr > size:
+                (nr,) = abi.fuse_supp_groups.unpack_from(ext, pos + hdr)
+                if hdr + 4 + 4 * nr > size:
                     raise _einval("supplementary groups beyond their extension")
-                groups = struct.unpack_from(f"<{nr}I", ext, start + 4)
-            pos += size
-        return body, groups
+                groups = struct.unpack_from(f"<{nr}I", ext, pos + hdr + 4)
+            elif typ <= abi.FUSE_MAX_NR_SECCTX:
+                rec = pos + hdr
+                for _ in range(typ):
+                    if rec + abi.fuse_secctx.size > end:
+                        raise _einval("security context beyond its extension")
+                    ctxlen, _pad = abi.fuse_secctx.unpack_from(ext, rec)
+                    nstart = rec + abi.fuse_secctx.size
+                    nul = ext.find(b"\0", nstart, end)
+                    if nul < 0 or nul - nstart > XATTR_NAME_MAX or nul == nstart:
+                        raise _einval("bad security context name")
+                    if nul + 1 + ctxlen > end or ctxlen > XATTR_SIZE_MAX:
+                        raise _einval("security context beyond its extension")
+                    secctx.append((ext[nstart:nul], ext[nul + 1:nul + 1 + ctxlen]))
+                    rec += (abi.fuse_secctx.size + (nul + 1 - nstart) + ctxlen + 7) & ~7
+            pos = end
+        return body, groups, tuple(secctx)
 
     # --- locks --------------------------------------------------------------------------
     def _lk(self, body: bytes):

@@ -149,7 +149,7 @@ class FuseServer(ExtendedOps):
             try:
                 if length != avail:
                     raise _einval(f"header len {length} != {avail} bytes available")
-                if extlen and not self.flags & abi.FUSE_CREATE_SUPP_GROUP:
+                if extlen and not self.flags & (abi.FUSE_CREATE_SUPP_GROUP | abi.FUSE_SECURITY_CTX):
                     raise _einval("request extensions were not negotiated")
                 if not self.initialized:
                     if opcode != abi.Opcode.INIT:
@@ -165,11 +165,11 @@ class FuseServer(ExtendedOps):
                     if length - _HDR > self._max_body:
                         raise _einval("request body too large")
                     body = reader.read(length - _HDR)
-                groups = ()
-                if extlen:  # FUSE_CREATE_SUPP_GROUP (7.38 / Linux 6.7): at the body's end
-                    body, groups = self._extensions(body, extlen)
-                result = handler(Context(uid, gid, pid, cancel=cancel, groups=groups), nodeid,
-                                 body, reader, writer)
+                groups = secctx = ()
+                if extlen:  # supplementary groups, security contexts: at the body's end
+                    body, groups, secctx = self._extensions(body, extlen)
+                result = handler(Context(uid, gid, pid, cancel=cancel, groups=groups,
+                                         secctx=secctx), nodeid, body, reader, writer)
                 err = 0
             except OSError as e:
                 err = e.errno if isinstance(e.errno, int) and 0 < e.errno < 4096 else errno.EIO

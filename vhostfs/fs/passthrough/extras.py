@@ -136,6 +136,7 @@ class ExtrasMixin:
         try:
             if give:
                 self._give(ctx, p, fd=fd)
+            self._label(ctx, fd)
             if perm & self._proc_umask:
                 os.fchmod(fd, perm)
             # the magic link of the new fd (PROC_SELF_FD: the sandbox may move /proc)

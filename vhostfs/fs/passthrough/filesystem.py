@@ -25,7 +25,7 @@ from vhostfs.fs import api
 from vhostfs.fs.api import Attr, Context, DirSink, Entry, FileSystem, ReadSink, SetAttr, StatFs, WriteSource
 from vhostfs.fs.passthrough.handles import DirHandle, FileHandle, HandleTable
 from vhostfs.fs.passthrough.inodes import Inode, InodeTable, key_of, stat_fd
-from vhostfs.fs.passthrough import inodes, locks
+from vhostfs.fs.passthrough import locks
 from vhostfs.fs.passthrough import xattr as xattrs
 from vhostfs.fs.passthrough.creds import Credentials, IdMap
 from vhostfs.fs.passthrough.extras import ExtrasMixin
@@ -123,12 +123,11 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             # implemented: refuse rather than pretend.
             raise ValueError(f"inode_file_handles={inode_file_handles!r} is not implemented "
                              f"(only 'never')")
-        if security_label:
-            raise ValueError("security_label is not implemented (FUSE_SECURITY_CTX)")
         if posix_acl and (translate_uid or translate_gid):
             raise ValueError("posix_acl cannot be combined with uid/gid translation "
                              "(ACL entries carry raw ids)")
-        self.xattr = bool(xattr or posix_acl or xattrmap)
+        self.xattr = bool(xattr or posix_acl or xattrmap or security_label)
+        self.security_label = security_label
         self.posix_acl = posix_acl
         self.xattrmap = xattrs.XattrMap.parse(xattrmap) if xattrmap else None
         self.killpriv_v2 = killpriv_v2
@@ -147,7 +146,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             timeout = max(timeout, 86400.0)
         self.timeout = timeout
         self.readonly = readonly
-        if not os.path.isdir(inodes.PROC_SELF_FD):
+        if not os.path.isdir("/proc/self/fd"):
             raise RuntimeError("/proc must be mounted: files are re-opened via /proc/self/fd")
         root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -317,10 +316,28 @@ class PassthroughFs(ExtrasMixin, FileSystem):
     def _umask_for(self, ctx: Context, parent: Inode) -> int:
         return 0 if self._default_acl(parent) else ctx.umask
 
-    def _new_entry(self, parent: Inode, name: bytes, wanted_mode: int | None) -> Entry:
+    def _label(self, ctx: Context, target: str | int) -> None:
+        """--security-label: give a new object the security contexts the guest's LSM
+        chose (FUSE_SECURITY_CTX).  Only ``security.*`` names are accepted (a guest
+        must not reach trusted.* or user.* through this path); --xattrmap applies.
+        Set after the creation, with the daemon's credentials (not atomic with it)."""
+        for name, value in ctx.secctx if self.security_label else ():
+            if not name.startswith(b"security."):
+                raise OSError(errno.EPERM, "security context name outside security.*")
+            host = self.xattrmap.to_host(name) if self.xattrmap is not None else name
+            os.setxattr(target, host, value)
+
+    def _new_entry(self, parent: Inode, name: bytes, wanted_mode: int | None,
+                   ctx: Context | None = None) -> Entry:
         """After a create-type op: look the new name up (+1); restore mode bits the
         daemon's process umask stripped."""
         entry = self._lookup_in(parent, name)
+        if ctx is not None and ctx.secctx:
+            try:
+                self._label(ctx, self.inodes.get(entry.nodeid).proc_path)
+            except BaseException:
+                self.inodes.forget(entry.nodeid, 1)
+                raise
         if wanted_mode is not None and wanted_mode & self._proc_umask and not self._default_acl(parent):
             inode = self.inodes.get(entry.nodeid)
             if inode.ftype != stat.S_IFLNK:
@@ -349,6 +366,8 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             want |= api.INIT_DIRECT_IO_ALLOW_MMAP
         if self.creds.enabled:
             want |= api.INIT_CREATE_SUPP_GROUP
+        if self.security_label:
+            want |= api.INIT_SECURITY_CTX
         # With FUSE_CREATE_SUPP_GROUP the kernel sends the group that matters itself.
         self.create_supp_group = bool(capable & api.INIT_CREATE_SUPP_GROUP and self.creds.enabled)
         self.writeback_on = bool(want & capable & api.INIT_WRITEBACK_CACHE)
@@ -437,7 +456,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         _, give = self._create_as_caller(ctx, p, lambda: os.symlink(target, name, dir_fd=p.fd))
         if give:
             self._give_or_remove(ctx, p, name, os.unlink)
-        return self._new_entry(p, name, None)
+        return self._new_entry(p, name, None, ctx)
 
     def _give_or_remove(self, ctx: Context, p: Inode, name: bytes, remove) -> None:
         try:
@@ -467,7 +486,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             ctx, p, lambda: os.mknod(name, (kind or stat.S_IFREG) | perm, dev, dir_fd=p.fd))
         if give:
             self._give_or_remove(ctx, p, name, os.unlink)
-        return self._new_entry(p, name, perm)
+        return self._new_entry(p, name, perm, ctx)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
         p = self._dir(parent)
@@ -477,7 +496,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         _, give = self._create_as_caller(ctx, p, lambda: os.mkdir(name, perm, dir_fd=p.fd))
         if give:
             self._give_or_remove(ctx, p, name, os.rmdir)
-        return self._new_entry(p, name, perm)
+        return self._new_entry(p, name, perm, ctx)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         p = self._dir(parent)
@@ -601,13 +620,14 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         try:
             fd, give = self._create_as_caller(
                 ctx, p, lambda: os.open(name, host_flags, perm, dir_fd=p.fd))
-            if give:
-                try:
+            try:
+                if give:
                     self._give(ctx, p, fd=fd)
-                except BaseException:
-                    os.close(fd)
-                    os.unlink(name, dir_fd=p.fd)
-                    raise
+                self._label(ctx, fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(name, dir_fd=p.fd)
+                raise
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
@@ -622,7 +642,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         try:
             if perm & self._proc_umask and not self._default_acl(p):
                 os.fchmod(fd, perm)
-            path_fd = os.open(f"{inodes.PROC_SELF_FD}/{fd}", os.O_PATH | os.O_CLOEXEC)
+            path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
             try:
                 st = stat_fd(path_fd)
             except BaseException:
