@@ -89,6 +89,9 @@ class Config:
             if self.readonly:
                 raise ConfigError("--dax-window cannot be used with --readonly (QEMU 11.1 does "
                                   "not enforce read-only mappings)")
+            if self.tag is None:
+                raise ConfigError("--dax-window needs --tag: the only QEMU device with a DAX window "
+                                  "(vhost-user-test-device-pci) reads the tag from GET_CONFIG")
         if self.dax_shmem_bit not in DAX_SHMEM_BITS:
             raise ConfigError(f"--dax-shmem-bit: expected 21 or 22, got {self.dax_shmem_bit}")
         if self.dax_inode_min_size < 0:
