@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import struct
+import uuid
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -42,14 +43,40 @@ class Hooks:
         assert not self.running
 
 
-def memfd(size=0x10000):
-    fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
+class FdTracker:
+    """The fds one example hands the device, each with an identity no other fd shares.
 
+    Counting every open fd of the process would also count fds that threads of earlier
+    tests open or close meanwhile; instead each memfd gets a name unique to the example
+    and each event-style fd is the read end of a pipe (a unique pipe inode), so "leaked"
+    means exactly: one of *these* is still open somewhere in this process.
+    """
 
-def open_fds():
-    return len(os.listdir("/proc/self/fd"))
+    def __init__(self) -> None:
+        self.token = f"vhufuzz-{uuid.uuid4().hex}"
+        self.pipes: set[str] = set()
+
+    def memfd(self, size=0x10000) -> int:
+        fd = os.memfd_create(self.token, os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        return fd
+
+    def eventlike(self) -> int:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.close(w)
+        self.pipes.add(os.readlink(f"/proc/self/fd/{r}"))
+        return r
+
+    def still_open(self) -> list[str]:
+        left = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+            except FileNotFoundError:
+                continue
+            if self.token in target or target in self.pipes:
+                left.append(target)
+        return left
 
 
 small = st.integers(0, 3)
@@ -85,12 +112,13 @@ messages = st.one_of(
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(messages, st.booleans()), max_size=25))
 def test_random_message_sequences(seq):
-    before = open_fds()
+    tracker = FdTracker()
     msg = None
     hooks = Hooks()
     dev = VhostUserDevice(hooks, tag="fuzz", num_request_queues=1)
     for (req, payload, nfds), need_reply in seq:
-        fds = [memfd() if req in (R.SET_MEM_TABLE, R.ADD_MEM_REG) else os.eventfd(0) for _ in range(nfds)]
+        fds = [tracker.memfd() if req in (R.SET_MEM_TABLE, R.ADD_MEM_REG) else tracker.eventlike()
+               for _ in range(nfds)]
         msg = Message(req, m.VERSION | (m.FLAG_NEED_REPLY if need_reply else 0), payload, fds)
         try:
             reply = dev.handle(msg)
@@ -109,4 +137,4 @@ def test_random_message_sequences(seq):
     assert hooks.running == {}
     del dev, hooks, msg
     gc.collect()                 # a Python mmap holds a dup of its fd until it is freed
-    assert open_fds() == before
+    assert tracker.still_open() == []
