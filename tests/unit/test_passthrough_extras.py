@@ -383,9 +383,8 @@ def test_options_in_init(share):
     fh = plain.open(node, os.O_WRONLY | os.O_APPEND)
     plain.write(node, fh, 0, b"Y")
     assert (share / "f").read_bytes() == b"XbcY"
-    for bad in (dict(inode_file_handles="mandatory"), dict(inode_file_handles="prefer")):
-        with pytest.raises(ValueError):
-            PassthroughFs(str(share), **bad)
+    with pytest.raises(ValueError):
+        PassthroughFs(str(share), inode_file_handles="sometimes")
 
 
 def test_noatime_and_direct_io_flags(share):

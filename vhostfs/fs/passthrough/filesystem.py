@@ -25,10 +25,11 @@ from vhostfs.fs import api
 from vhostfs.fs.api import Attr, Context, DirSink, Entry, FileSystem, ReadSink, SetAttr, StatFs, WriteSource
 from vhostfs.fs.passthrough.handles import DirHandle, FileHandle, HandleTable
 from vhostfs.fs.passthrough.inodes import Inode, InodeTable, key_of, stat_fd
-from vhostfs.fs.passthrough import locks
+from vhostfs.fs.passthrough import inodes, locks
 from vhostfs.fs.passthrough import xattr as xattrs
 from vhostfs.fs.passthrough.creds import Credentials, IdMap
 from vhostfs.fs.passthrough.extras import ExtrasMixin
+from vhostfs.fs.passthrough.fhandles import FileHandleInodes
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: guest open flags passed to the host; O_CREAT/O_EXCL/O_NOFOLLOW/O_PATH/O_DIRECTORY/
@@ -115,14 +116,16 @@ class PassthroughFs(ExtrasMixin, FileSystem):
                  allow_direct_io: bool = False, allow_mmap: bool = False,
                  readdirplus: bool = True, preserve_noatime: bool = False,
                  inode_file_handles: str = "never", translate_uid=(), translate_gid=(),
-                 posix_lock: bool = True, flock: bool = True) -> None:
+                 posix_lock: bool = True, flock: bool = True,
+                 inode_fd_cache: int = 1024) -> None:
         if timeout < 0:
             raise ValueError("timeout must be >= 0")
-        if inode_file_handles != "never":
-            # Inodes are held by O_PATH fds only (see inodes.py); file handles are not
-            # implemented: refuse rather than pretend.
-            raise ValueError(f"inode_file_handles={inode_file_handles!r} is not implemented "
-                             f"(only 'never')")
+        if inode_file_handles == "fallback":
+            inode_file_handles = "prefer"  # virtiofsd's deprecated alias
+        if inode_file_handles not in ("never", "prefer", "mandatory"):
+            raise ValueError(f"inode_file_handles: never, prefer or mandatory, "
+                             f"not {inode_file_handles!r}")
+        self.inode_file_handles = inode_file_handles
         if posix_acl and (translate_uid or translate_gid):
             raise ValueError("posix_acl cannot be combined with uid/gid translation "
                              "(ACL entries carry raw ids)")
@@ -146,11 +149,21 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             timeout = max(timeout, 86400.0)
         self.timeout = timeout
         self.readonly = readonly
-        if not os.path.isdir("/proc/self/fd"):
+        if not os.path.isdir(inodes.PROC_SELF_FD):
             raise RuntimeError("/proc must be mounted: files are re-opened via /proc/self/fd")
         root_fd = os.open(shared_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self.inodes = InodeTable(root_fd)
+            if inode_file_handles == "never":
+                self.inodes = InodeTable(root_fd)
+            else:
+                try:
+                    self.inodes = FileHandleInodes(root_fd, mandatory=inode_file_handles == "mandatory",
+                                                   max_open=inode_fd_cache)
+                except OSError as e:
+                    if inode_file_handles == "mandatory":
+                        raise OSError(e.errno, f"--inode-file-handles=mandatory: file handles "
+                                               f"unusable here ({e.strerror})") from None
+                    self.inodes = InodeTable(root_fd)  # prefer: no handles on this host
         except BaseException:
             os.close(root_fd)
             raise
@@ -642,7 +655,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         try:
             if perm & self._proc_umask and not self._default_acl(p):
                 os.fchmod(fd, perm)
-            path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            path_fd = os.open(f"{inodes.PROC_SELF_FD}/{fd}", os.O_PATH | os.O_CLOEXEC)
             try:
                 st = stat_fd(path_fd)
             except BaseException:
