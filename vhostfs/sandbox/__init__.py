@@ -13,8 +13,10 @@ namespace
     the socket path at the end and exits with the child's status.
 chroot
     No namespaces: ``chroot`` into the shared directory, /proc/self/fd as the working
-    directory.  Weaker (same PID and network view as the host), for hosts that forbid
-    namespaces.
+    directory.  Weaker, for hosts that forbid namespaces: same PID and network view as
+    the host, and the working directory lies outside the new root (vhostfs only ever
+    opens ``./N`` from it; in namespace mode that procfs is detached, so even ``..``
+    from it leads nowhere).
 none
     Nothing is changed.
 
