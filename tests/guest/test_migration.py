@@ -194,10 +194,19 @@ def wait_for(cond, timeout: float, what: str, sides=()) -> None:
         for s in sides:
             if s.qemu is not None and s.qemu.poll() is not None:
                 pytest.fail(f"QEMU {s.name} exited ({s.qemu.returncode}) while waiting for {what}: "
-                            f"{s.qemu_log.read_text()[-2000:]}")
+                            f"{s.qemu_log.read_text()[-2000:]}\n{_tails(sides)}")
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what}\n{_tails(sides)}")
         time.sleep(0.1)
+
+
+def _tails(sides) -> str:
+    out = []
+    for s in sides:
+        for what, path in (("console", s.console), ("vhostfs", s.backend_log)):
+            if path.exists():
+                out.append(f"--- {what} {s.name}:\n{path.read_text(errors='replace')[-1500:]}")
+    return "\n".join(out)
 
 
 def page_hash(ram: pathlib.Path, pages: list[int]) -> str:
@@ -226,7 +235,8 @@ def differing_pages(a: pathlib.Path, b: pathlib.Path) -> list[int]:
     return out
 
 
-def test_live_migration_under_load(tmp_path, qemu10, helper):
+@pytest.mark.parametrize("mode", ["find-paths", "file-handles"])
+def test_live_migration_under_load(tmp_path, qemu10, helper, mode):
     t0 = time.monotonic()
     share = tmp_path / "share"
     work = share / "work"
@@ -251,8 +261,12 @@ def test_live_migration_under_load(tmp_path, qemu10, helper):
     try:
         # A writes the witness file to a host path: no namespace sandbox for it.  B runs
         # in the default (namespace) sandbox, so the paths are found again inside it.
-        a.start_backend(share, {"VHOSTFS_DIRTY_WITNESS": str(witness)}, ["--sandbox", "none"])
-        b.start_backend(share, {}, [])
+        # file-handles: open_by_handle_at needs CAP_DAC_READ_SEARCH, which the sandbox
+        # drops unless asked (virtiofsd: --modcaps=+dac_read_search).
+        a.start_backend(share, {"VHOSTFS_DIRTY_WITNESS": str(witness)},
+                        ["--sandbox", "none", "--migration-mode", mode])
+        b.start_backend(share, {}, ["--migration-mode", mode]
+                        + (["--modcaps", "+dac_read_search"] if mode == "file-handles" else []))
         a.start_qemu(qemu10, vmlinux, str(initrd), [])
         migsock = str(run / "migrate.sock")
         b.start_qemu(qemu10, vmlinux, str(initrd), ["-incoming", f"unix:{migsock}", "-S"])
@@ -289,7 +303,7 @@ def test_live_migration_under_load(tmp_path, qemu10, helper):
         ha, hb = page_hash(a.ram, pages), page_hash(b.ram, pages)
         diff = differing_pages(a.ram, b.ram)
         blog = b.backend_log.read_text()
-        assert "device state loaded" in blog, blog[-3000:]
+        assert "device state loaded" in blog and f"source_mode={mode}" in blog, blog[-3000:]
         assert ha == hb, (f"{len(pages)} pages vhostfs A wrote during migration differ on B; "
                           f"differing pages: {len([p for p in pages if p in set(diff)])}")
         assert diff == [], f"{len(diff)} guest pages differ between A and B: {diff[:20]}"
@@ -320,7 +334,7 @@ def test_live_migration_under_load(tmp_path, qemu10, helper):
             last = max(i for i in range(n) if i % MAPPAGES == p)
             assert mapped[p * BLK:(p + 1) * BLK] == pattern(last, 1), f"mapped.bin page {p}"
         assert n > n_mig > n_before
-        print(f"\nmigration: boot {boot:.1f}s, migration {mig_seconds:.1f}s "
+        print(f"\nmigration ({mode}): boot {boot:.1f}s, migration {mig_seconds:.1f}s "
               f"(downtime {info.get('downtime')} ms, {info.get('ram', {}).get('transferred', 0) >> 20} MiB), "
               f"{len(pages)} pages logged by vhostfs A, sha256 {ha[:16]} on both sides, "
               f"blocks before/at/after migration {n_before}/{n_mig}/{n}, total {time.monotonic() - t0:.1f}s")

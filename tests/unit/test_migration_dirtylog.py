@@ -225,3 +225,21 @@ def test_save_refused_while_a_ring_runs(share):
     os.close(r)
     dev.rings[1].running = False
     dev.shutdown()
+
+
+def test_no_device_state_with_a_dax_window(share):
+    class Dax:                      # the window's mappings are not part of the state
+        size = 2 << 20
+
+        def set_channel(self, channel):
+            pass
+
+        def reset(self):
+            pass
+
+    fs = PassthroughFs(str(share))
+    mig = MigrationBackend(FuseServer(fs), fs)
+    dev = VhostUserDevice(Hooks(), tag="t", num_request_queues=1, migration=mig, dax=Dax())
+    assert not ack_value(call(dev, R.GET_PROTOCOL_FEATURES)) & (1 << PF.DEVICE_STATE)
+    assert ack_value(call(dev, R.GET_FEATURES)) & (1 << m.VHOST_F_LOG_ALL)   # logging still works
+    dev.shutdown()

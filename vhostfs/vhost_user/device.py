@@ -136,8 +136,11 @@ class VhostUserDevice:
         if dax is not None:
             self.protocol_features |= 1 << shmem_bit
         # Live migration (vhostfs/migration): device state through SET_DEVICE_STATE_FD.
-        self.migration = migration
-        if migration is not None:
+        # Not with a DAX window: its mappings are not part of the state, so QEMU is told
+        # the back-end cannot migrate ("Back-end does not support migration state
+        # transfer") instead of migrating a guest whose window would come back empty.
+        self.migration = migration if dax is None else None
+        if self.migration is not None:
             self.protocol_features |= 1 << PF.DEVICE_STATE
         self.dirty_log = None      # a migration.dirtylog.DirtyLog while logging is on
         self.acked_features = 0
