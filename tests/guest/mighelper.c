@@ -3,7 +3,8 @@
  *   mighelper DIR
  *
  * chdir(DIR) (the cwd the guest holds across the migration), opens data.bin (the open
- * file) and maps mapped.bin MAP_SHARED (the mmap), then loops until the file "stop"
+ * file) and maps mapped.bin MAP_SHARED (the mmap), keeps held.bin open without using
+ * it (the test may delete it on the host), then loops until the file "stop"
  * appears in the cwd (looked up relative to the cwd):
  *   - pwrite block i of data.bin (BLK bytes, pattern(i, 0));
  *   - write page i % MAPPAGES of the mapping (pattern(i, 1)), msync every 8 iterations;
@@ -57,6 +58,8 @@ int main(int argc, char **argv) {
     unsigned char *map = mmap(NULL, MAPPAGES * BLK, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
     if (map == MAP_FAILED) die("mmap");
     close(mfd);                         /* the mapping alone keeps the file open */
+    int held = open("held.bin", O_RDWR | O_CREAT, 0644);
+    if (held < 0) die("open held.bin");
     int sfd = open("src.bin", O_RDONLY);
     if (sfd < 0) die("open src.bin");
     struct stat sst;

@@ -341,3 +341,86 @@ def test_live_migration_under_load(tmp_path, qemu10, helper, mode):
     finally:
         for side in (a, b):
             side.kill()
+
+
+
+@pytest.mark.parametrize("on_error", ["abort", "guest-error"])
+def test_file_lost_on_the_host(tmp_path, qemu10, helper, on_error):
+    """A file the guest holds open (held.bin) is deleted on the host before the
+    migration, so the source can only describe it as lost.
+
+    * abort (the default): vhostfs B refuses the state, CHECK_DEVICE_STATE says so, QEMU B
+      fails the load, and (with the return-path capability) QEMU A fails the migration
+      and runs the guest again: it keeps going on A through the same fds.
+    * guest-error: the migration completes, vhostfs B logs the lost object, and the
+      guest, which never touches held.bin again, goes on on B."""
+    share = tmp_path / "share"
+    work = share / "work"
+    work.mkdir(parents=True)
+    (work / "src.bin").write_bytes(os.urandom(4 << 20))
+    (share / ".mig").mkdir()
+    shutil.copy(helper, share / ".mig" / "mighelper")
+    run = tmp_path / "run"
+    run.mkdir()
+    kern = kernel_mod.find_kernel(os.environ.get("VHOSTFS_GUEST_KERNEL"))
+    nonce = secrets.token_hex(8)
+    script = ("cp /mnt/.mig/mighelper /tmp/mighelper && chmod 755 /tmp/mighelper && "
+              "/tmp/mighelper /mnt/work")
+    initrd = initramfs.write_initrd(run / "initrd.cpio.gz", initramfs.base_initramfs(kern.version),
+                                    initramfs.run_archive(nonce=nonce, tag=TAG, mode="oneshot",
+                                                          command=script))
+    vmlinux = str(kernel_mod.cached_vmlinux(kern))
+    a, b = Side("A", run), Side("B", run)
+    try:
+        a.start_backend(share, {}, [])
+        b.start_backend(share, {}, ["--migration-on-error", on_error])
+        a.start_qemu(qemu10, vmlinux, str(initrd), [])
+        migsock = str(run / "migrate.sock")
+        b.start_qemu(qemu10, vmlinux, str(initrd), ["-incoming", f"unix:{migsock}", "-S"])
+        wait_for(lambda: (work / "ready").exists(), 240, "the guest helper to start", [a, b])
+        # The return path lets the source learn that the destination failed its load
+        # (and run the guest again) instead of stopping in post-migrate.
+        for side in (a, b):
+            side.qmp.cmd("migrate-set-capabilities",
+                         capabilities=[{"capability": "return-path", "state": True}])
+        os.unlink(work / "held.bin")
+        a.qmp.cmd("migrate", uri=f"unix:{migsock}")
+
+        def finished():
+            return a.qmp.cmd("query-migrate").get("status") in ("completed", "failed", "cancelled")
+        wait_for(finished, 300, "the migration to end", [a])
+        info = a.qmp.cmd("query-migrate")
+        alog, blog = a.backend_log.read_text(), b.backend_log.read_text()
+        assert "deleted on the host while the guest holds it" in alog, alog[-3000:]
+        if on_error == "abort":
+            assert info["status"] == "failed", (info, blog[-3000:])
+            assert "not found again on the destination (--migration-on-error abort)" in blog, blog[-3000:]
+            assert "ok=False" in blog, blog[-3000:]
+            wait_for(lambda: a.qmp.cmd("query-status")["status"] == "running", 60,
+                     "A to run again", [a])
+            guest = a
+        else:
+            assert info["status"] == "completed", (info, blog[-3000:])
+            assert "object lost, the guest gets errors on it" in blog and "ok=True" in blog, blog[-3000:]
+            a.qmp.cmd("quit")
+            wait_for(lambda: b.qmp.cmd("query-status")["status"] == "paused", 60, "B loaded", [b])
+            b.qmp.cmd("cont")
+            guest = b
+        n0 = (work / "data.bin").stat().st_size // BLK
+        wait_for(lambda: (work / "data.bin").stat().st_size // BLK >= n0 + 20, 120,
+                 f"the guest to keep writing on {guest.name}", [guest])
+        (work / "stop").write_bytes(b"")
+        wait_for(lambda: guest.qemu.poll() is not None, 180, "the guest to finish and power off", [])
+        console = guest.console.read_text(errors="replace")
+        result = next((ln for ln in console.splitlines() if ln.startswith("RESULT ")), None)
+        assert result is not None, console[-3000:]
+        fields = dict(kv.split("=", 1) for kv in result.split()[1:])
+        assert f"@@VHOSTFS-EXIT-{nonce} 0@@" in console, console[-3000:]
+        assert fields["bad"] == "0" and fields["dbad"] == "0" and fields["cwd"] == "/mnt/work"
+        n = int(fields["n"])
+        assert (work / "data.bin").read_bytes() == b"".join(pattern(i, 0) for i in range(n))
+        print(f"\nlost file, {on_error}: migration {info['status']} "
+              f"({info.get('error-desc', '')!s}); guest went on on {guest.name} to {n} blocks")
+    finally:
+        for side in (a, b):
+            side.kill()
