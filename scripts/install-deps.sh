@@ -4,7 +4,8 @@
 # Uses the apt sources already configured on the machine (no host names here).
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio attr acl xz-utils zstd libseccomp2)
+# systemd: systemd-socket-activate and systemd-analyze for tests/guest/test_systemd.py.
+PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio attr acl xz-utils zstd libseccomp2 systemd)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
