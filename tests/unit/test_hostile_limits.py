@@ -126,3 +126,43 @@ def test_a_guest_that_never_forgets_is_bounded_by_max_inodes(share):
     per_inode = grown / 200
     assert per_inode < 2048, per_inode            # ~0.5-1 KiB each (measured, see docs)
     assert DEFAULT_MAX_INODES == 1 << 20
+
+
+def test_lock_wait_with_fds_beyond_fd_setsize():
+    """A guest holding over 1024 inodes pushes the fd of a SETLKW's cancel token past
+    FD_SETSIZE: the wait must still work (it used select(), which raised ValueError, so
+    every blocking lock failed with EIO; seen in a booted guest after the conformance
+    suite)."""
+    from vhostfs.fs.passthrough import locks
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1100:
+        pytest.skip(f"RLIMIT_NOFILE {soft} too low for an fd above FD_SETSIZE")
+
+    class HighCancel:            # the fs.api.Cancel protocol on an eventfd numbered 1090
+        def __init__(self):
+            efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.fd = os.dup2(efd, 1090, inheritable=False)
+            os.close(efd)
+            self.cancelled = False
+
+        def fileno(self):
+            return self.fd
+
+        def is_set(self):
+            return self.cancelled
+
+        def set(self):
+            self.cancelled = True
+            os.eventfd_write(self.fd, 1)
+
+    cancel = HighCancel()
+    try:
+        tries = []
+        locks.wait_until(lambda: tries.append(1) or len(tries) >= 3, cancel)
+        assert len(tries) == 3
+        cancel.set()
+        with pytest.raises(OSError) as e:
+            locks.wait_until(lambda: False, cancel)
+        assert e.value.errno == errno.EINTR
+    finally:
+        os.close(cancel.fd)

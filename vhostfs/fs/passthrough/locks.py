@@ -78,7 +78,11 @@ def wait_until(attempt: Callable[[], bool], cancel: Cancel | None) -> None:
         else:
             if cancel.is_set():
                 raise OSError(errno.EINTR, "lock wait cancelled")
-            select.select([cancel.fileno()], [], [], delay)
+            # poll, not select: the token's fd may be >= FD_SETSIZE (a guest holding
+            # 1024 inodes holds 1024 fds; select() then raises ValueError)
+            waiter = select.poll()
+            waiter.register(cancel.fileno(), select.POLLIN)
+            waiter.poll(delay * 1000)
             if cancel.is_set():
                 raise OSError(errno.EINTR, "lock wait cancelled")
         delay = min(delay * 2, _MAX_DELAY)
