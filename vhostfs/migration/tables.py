@@ -89,6 +89,11 @@ def export_state(server, fs, mode: str, pages_marked: int = 0) -> dict:
             log.warning("migration: inode cannot be described", nodeid=inode.nodeid, error=err)
         out_inodes.append({"nodeid": inode.nodeid, "nlookup": inode.nlookup, "ftype": inode.ftype,
                            "ino": inode.key[1], "path": path, "handle": handle, "error": err})
+    locked = [i.nodeid for i in inodes if getattr(i, "plocks", None)]
+    if locked:
+        # Host locks belong to this process and die with it: not part of the state.
+        log.warning("migration: the guest's POSIX locks are not migrated", inodes=len(locked),
+                    nodeids=locked[:20])
     out_handles = []
     for fh, h in sorted(handles.items()):
         if h.inode.nodeid != ROOT_ID and h.inode.nodeid not in inodes_t._by_id:
