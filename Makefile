@@ -10,7 +10,7 @@ export VHOSTFS_GUEST_BACKEND
 
 HOSTSYS_SRC := cffi_build/build_hostsys.py $(wildcard cffi_build/parts/*)
 
-.PHONY: all venv deps test test-unit test-guest test-long demo bench clean distclean
+.PHONY: all venv deps test test-unit test-guest test-long demo bench bench-guest clean distclean
 all: test
 
 deps:
@@ -53,6 +53,11 @@ demo: deps venv
 bench: deps venv
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m tests.bench
+
+# The same workloads through fio in booted guests, one per backend (out/bench/guest.md).
+bench-guest: deps venv
+	command -v fio >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio
+	$(PY) -m tests.bench.guest
 
 clean:
 	rm -rf build .pytest_cache .hypothesis *.egg-info vhostfs/_hostsys.c vhostfs/_hostsys.o
