@@ -136,9 +136,8 @@ def test_faults_keep_acknowledged_data(tmp_path):
 
     # 2. vhostfs SIGKILLed mid-write ---------------------------------------------------------
     v1 = vhostfs(share, sock, log, "--sandbox", "chroot", "--seccomp", "kill")
-    sess = session_on(share, sock)
     try:
-        with sess as g:
+        with session_on(share, sock) as g:
             expect["c"] = write_synced(g, share, "c")
             start_writer(g, "d")
             wait_growing(share / "d")
