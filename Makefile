@@ -10,7 +10,7 @@ export VHOSTFS_GUEST_BACKEND
 
 HOSTSYS_SRC := cffi_build/build_hostsys.py $(wildcard cffi_build/parts/*)
 
-.PHONY: all venv deps test test-unit test-guest test-long demo bench bench-guest clean distclean
+.PHONY: all venv deps test test-unit test-guest test-long fuzz demo bench bench-guest clean distclean
 all: test
 
 deps:
@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(HOSTSYS_SRC)
 	touch $@
 
 test: deps venv
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs tests $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest -q tests -m 'not guest' $(PYTEST_ARGS)
@@ -41,6 +41,14 @@ test-unit: venv
 # EVENT_IDX setting: about 6 minutes here).
 test-long: deps venv
 	VHOSTFS_STRESS_REQUESTS=1000000 $(PY) -m pytest -q tests/integration/test_stress.py $(PYTEST_ARGS)
+
+# Longer fuzzing than the bounded run in `make test` (hypothesis + atheris targets for the
+# vhost-user decoder, the descriptor-chain walker and the FUSE decoder).
+FUZZ_SECONDS ?= 600
+FUZZ_EXAMPLES ?= 20000
+fuzz: venv
+	VHOSTFS_FUZZ_SECONDS=$(FUZZ_SECONDS) VHOSTFS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	VHOSTFS_FUZZ_CORPUS=$(CURDIR)/.fuzz-corpus $(PY) -m pytest -q tests/fuzz $(PYTEST_ARGS)
 
 test-guest: deps venv
 	$(PY) -m pytest -q tests/guest $(PYTEST_ARGS)
@@ -63,4 +71,4 @@ clean:
 	rm -rf build .pytest_cache .hypothesis *.egg-info vhostfs/_hostsys.c vhostfs/_hostsys.o
 
 distclean: clean
-	rm -rf $(VENV) vhostfs/_hostsys*.so
+	rm -rf $(VENV) vhostfs/_hostsys*.so .fuzz-corpus
