@@ -64,21 +64,47 @@ class Jail:
         the sandboxed child until it exits; returns its exit status (128 + signal if it
         was killed)."""
         pid = self.child_pid
-
-        def forward(signum, _frame):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            signal.signal(sig, forward)
+        # The forwarding handlers were installed at the fork (_fork_with_forwarding).
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             log.error("sandboxed daemon killed by a signal", signal=signal.Signals(sig).name)
             return 128 + sig
         return os.WEXITSTATUS(status)
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def _fork_with_forwarding() -> int:
+    """fork() with no window in which a signal for the daemon is lost.
+
+    The forwarded signals stay blocked across the fork: the parent unblocks them only
+    once its handlers forward to the child, and the child once it runs with the
+    daemon's own handlers.  Without this, a SIGTERM landing between fork() and the
+    parent's handler swap ended the parent alone and left the child serving (and
+    holding the parent's stdio open) outside anyone's control.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
+    if pid == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return 0
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return pid
 
 
 def default_mode() -> str:
@@ -132,7 +158,7 @@ def _enter_namespace(shared: str) -> Jail:
         _libc.unshare(_libc.CLONE_NEWPID)
     except OSError as exc:
         raise _forbidden(exc, "a new PID namespace") from None
-    pid = os.fork()
+    pid = _fork_with_forwarding()
     if pid:
         return Jail("namespace", shared, sees_host=True, child_pid=pid)
     # -- the child: PID 1 of the new namespace -----------------------------------------
