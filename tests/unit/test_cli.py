@@ -6,7 +6,6 @@ the Config the daemon would get, or the exact error.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -24,8 +23,6 @@ from vhostfs.errors import ConfigError
 
 REFERENCE = "/root/.cache/reference-virtiofsd/virtiofsd"
 #: --sandbox/--seccomp/--modcaps are refused until vhostfs has a sandbox (issue 6).
-HAS_SANDBOX = importlib.util.find_spec("vhostfs.sandbox") is not None
-no_sandbox_yet = pytest.mark.skipif(HAS_SANDBOX, reason="vhostfs has a sandbox now")
 
 #: Every option of `virtiofsd --help` (1.13), long and short.
 VIRTIOFSD_OPTIONS = {
@@ -323,25 +320,8 @@ def test_fs_option_with_real_passthrough_signature(parse, share, monkeypatch):
             assert "is not supported by vhostfs yet" in out, (argv, out)
 
 
-# --- options with no feature in vhostfs yet ---------------------------------------------------
+# --- sandbox options -------------------------------------------------------------------------
 
-SANDBOX_CASES = [
-    (["--sandbox", "namespace"], "--sandbox namespace is not supported by vhostfs yet"),
-    (["--sandbox", "chroot"], "--sandbox chroot is not supported by vhostfs yet"),
-    (["--seccomp", "kill"], "--seccomp kill is not supported by vhostfs yet"),
-    (["--seccomp", "log"], "--seccomp log is not supported by vhostfs yet"),
-    (["--seccomp", "trap"], "--seccomp trap is not supported by vhostfs yet"),
-    (["--modcaps=+sys_admin:-chown"], "--modcaps is not supported by vhostfs yet"),
-]
-
-
-@no_sandbox_yet
-@pytest.mark.parametrize("argv,message", SANDBOX_CASES)
-def test_sandbox_options_refused_without_sandbox(parse, share, argv, message):
-    fails(parse, ["--shared-dir", share, "--fd", "3", *argv], message)
-
-
-@pytest.mark.skipif(not HAS_SANDBOX, reason="vhostfs has no sandbox yet")
 @pytest.mark.parametrize("argv,field,value", [
     (["--sandbox", "namespace"], "sandbox", "namespace"),
     (["--sandbox", "chroot"], "sandbox", "chroot"),
@@ -437,14 +417,6 @@ def test_compat_flags_all_known():
         (name, value), = parse_compat([flag]).items()
         assert value is (not flag.startswith("no_")), flag
     assert parse_compat(["xattr,no_xattr"]) == {"xattr": False}       # the last one wins
-
-
-@no_sandbox_yet
-def test_compat_sandbox_and_modcaps_refused(parse, share):
-    fails(parse, ["--fd=3", f"-o", f"source={share},sandbox=chroot"],
-          "--sandbox chroot is not supported by vhostfs yet")
-    fails(parse, ["--fd=3", "-o", f"source={share},modcaps=+sys_admin"],
-          "--modcaps is not supported by vhostfs yet")
 
 
 def test_compat_overrides_long_options(parse, share, tmp_path):
