@@ -14,7 +14,6 @@ Backend as in test_conformance.py (``VHOSTFS_CONFORMANCE_BACKEND``).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import pytest

@@ -32,7 +32,6 @@ import posix_ipc
 
 from tests.support.frontend import QEMU_FEATURES, QEMU_PROTOCOL_FEATURES, Frontend, FrontendError, FrontendVring
 from vhostfs.vhost_user import messages as m
-from vhostfs.vhost_user import protocol as p
 
 R = m.Request
 PF = m.ProtocolFeature

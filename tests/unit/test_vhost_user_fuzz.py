@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import struct
 import uuid
 
 from hypothesis import HealthCheck, given, settings, strategies as st

@@ -21,7 +21,6 @@ guest's requests on it fail (EBADF), the rest of the migration goes on.
 from __future__ import annotations
 
 import base64
-import errno
 import os
 import stat
 

@@ -15,7 +15,6 @@ import stat
 import struct
 
 from vhostfs import hostsys
-from vhostfs.fs import api
 from vhostfs.fs.api import Context, Entry
 from vhostfs.fs.passthrough import xattr as xattrs
 from vhostfs.fs.passthrough import inodes
