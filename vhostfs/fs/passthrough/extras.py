@@ -17,7 +17,6 @@ import struct
 from vhostfs import hostsys
 from vhostfs.fs.api import Context, Entry
 from vhostfs.fs.passthrough import xattr as xattrs
-from vhostfs.fs.passthrough import inodes
 from vhostfs.fs.passthrough.handles import FileHandle
 from vhostfs.fs.passthrough.inodes import stat_fd
 
@@ -138,20 +137,10 @@ class ExtrasMixin:
             self._label(ctx, fd)
             if perm & self._proc_umask:
                 os.fchmod(fd, perm)
-            # the magic link of the new fd (PROC_SELF_FD: the sandbox may move /proc)
-            proc_fd = getattr(inodes, "PROC_SELF_FD", "/proc/self/fd")
-            path_fd = os.open(f"{proc_fd}/{fd}", os.O_PATH | os.O_CLOEXEC)
-            try:
-                st = stat_fd(path_fd)
-            except BaseException:
-                os.close(path_fd)
-                raise
-            inode = self.inodes.add_ref(path_fd, st)
         except BaseException:
             os.close(fd)
             raise
-        fh = self.handles.add(FileHandle(fd, inode, flags & ~os.O_EXCL))
-        return self._entry(inode, st), fh, self._open_reply_flags(flags)
+        return self._adopt_new_file(fd, flags & ~os.O_EXCL, flags)
 
     # --- ioctl, poll, bmap ---------------------------------------------------------------------
     def _any_handle_fd(self, fh: int, nodeid: int, is_dir: bool) -> int:

@@ -655,6 +655,18 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         try:
             if perm & self._proc_umask and not self._default_acl(p):
                 os.fchmod(fd, perm)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._adopt_new_file(fd, flags, flags)
+
+    def _adopt_new_file(self, fd: int, handle_flags: int, open_flags: int
+                        ) -> tuple[Entry, int, int]:
+        """Register a file this request just created and opened as ``fd`` (CREATE,
+        TMPFILE): one lookup reference on its inode and a handle.  The inode's O_PATH fd
+        comes from the open fd's magic link, so the name is never resolved again (the
+        guest may have renamed it meanwhile).  Closes ``fd`` on failure."""
+        try:
             path_fd = os.open(f"{inodes.PROC_SELF_FD}/{fd}", os.O_PATH | os.O_CLOEXEC)
             try:
                 st = stat_fd(path_fd)
@@ -665,8 +677,8 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         except BaseException:
             os.close(fd)
             raise
-        fh = self.handles.add(FileHandle(fd, inode, flags))
-        return self._entry(inode, st), fh, self._open_reply_flags(flags)
+        fh = self.handles.add(FileHandle(fd, inode, handle_flags))
+        return self._entry(inode, st), fh, self._open_reply_flags(open_flags)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int,
              sink: ReadSink) -> int:
