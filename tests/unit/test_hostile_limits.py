@@ -3,6 +3,7 @@ inode table is bounded (--max-inodes) and exact (FORGET honoured), sizes are cap
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import resource
 import tracemalloc
@@ -39,13 +40,23 @@ def client(share, **kw):
 
 @pytest.fixture
 def low_nofile():
-    """RLIMIT_NOFILE just above what is open now (restored afterwards)."""
+    """RLIMIT_NOFILE just above what is open now (restored afterwards).
+
+    Objects left by earlier tests may hold fds; collected mid-test they would free fd
+    numbers under the limit and let an open the test expects to fail succeed.  So the
+    garbage is collected first and the collector stays off while the limit is low.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    gc.collect()
+    gc.disable()
     def lower(extra):
         used = max(int(n) for n in os.listdir("/proc/self/fd")) + 1
         resource.setrlimit(resource.RLIMIT_NOFILE, (used + extra, hard))
-    yield lower
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        yield lower
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        gc.enable()
 
 
 def test_fd_exhaustion_is_emfile_and_recovers(share, low_nofile):
