@@ -178,3 +178,29 @@ def open_by_handle_at(mount_fd: int, handle_type: int, handle: bytes, flags: int
     if fd < 0:
         _fail("open_by_handle_at")
     return fd
+
+
+# --- Directory streams: getdents64 and a full-range seek (30_dirents.*) -------------------
+
+def getdents64(fd: int, cbuf, size: int) -> int:
+    """getdents64(2) into ``cbuf`` (a cffi pointer from ``ffi.from_buffer``, ``size`` bytes
+    long); returns the number of bytes of linux_dirent64 records, 0 at the end."""
+    n = lib.vhs_getdents64(fd, cbuf, size)
+    if n < 0:
+        raise OSError(-n, f"getdents64: {_os.strerror(-n)}")
+    return n
+
+
+def dir_seek(fd: int, off: int) -> None:
+    """lseek(fd, off, SEEK_SET) for a directory cookie: ``off`` is the guest's u64, passed
+    as the signed 64-bit off_t the kernel reads (a negative one fails with EINVAL there)."""
+    off &= (1 << 64) - 1
+    r = lib.vhs_dir_seek(fd, off - (1 << 64) if off >= 1 << 63 else off)
+    if r < 0:
+        raise OSError(-r, f"lseek: {_os.strerror(-r)}")
+
+
+def dirent_buffer(size: int):
+    """A bytearray for getdents64 and the cffi pointer to it (keep both together)."""
+    buf = bytearray(size)
+    return buf, ffi.from_buffer(buf, require_writable=True)

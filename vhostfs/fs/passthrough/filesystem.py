@@ -23,7 +23,8 @@ import stat
 from vhostfs import hostsys
 from vhostfs.fs import api
 from vhostfs.fs.api import Attr, Context, DirSink, Entry, FileSystem, ReadSink, SetAttr, StatFs, WriteSource
-from vhostfs.fs.passthrough.handles import DirHandle, FileHandle, HandleTable
+from vhostfs.fs.passthrough.handles import (DIRENT64_NAME, DIRENT64_UNPACK, DirHandle, FileHandle,
+                                            HandleTable)
 from vhostfs.fs.passthrough.inodes import Inode, InodeTable, key_of, stat_fd
 from vhostfs.fs.passthrough import inodes, locks
 from vhostfs.fs.passthrough import xattr as xattrs
@@ -84,19 +85,6 @@ def to_attr(st: hostsys.Statx) -> Attr:
                 min(st.mtime_nsec, 999_999_999), min(st.ctime_nsec, 999_999_999),
                 st.mode & (stat.S_IFMT(st.mode) | 0o7777), st.nlink, st.uid, st.gid,
                 encode_rdev(st.rdev), st.blksize)
-
-
-def _dtype(entry: os.DirEntry) -> int:
-    try:
-        if entry.is_symlink():
-            return DT_LNK
-        if entry.is_dir(follow_symlinks=False):
-            return DT_DIR
-        if entry.is_file(follow_symlinks=False):
-            return DT_REG
-        return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode) >> 12
-    except OSError:
-        return DT_UNKNOWN
 
 
 class PassthroughFs(ExtrasMixin, FileSystem):
@@ -744,61 +732,88 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         fd = os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return self.handles.add(DirHandle(fd, inode)), self._dir_open_flags
 
-    def _snapshot(self, h: DirHandle) -> list[tuple[bytes, int, int]]:
-        inode = h.inode
-        self_ino = stat_fd(inode.fd).ino
-        if inode is self.inodes.root:
-            parent_ino = self_ino  # never reveal what lies above the shared root
-        else:
-            try:
-                parent_ino = os.stat(b"..", dir_fd=inode.fd, follow_symlinks=False).st_ino
-            except OSError:
-                parent_ino = self_ino
-        out = [(b".", self_ino, DT_DIR), (b"..", parent_ino, DT_DIR)]
-        os.lseek(h.fd, 0, os.SEEK_SET)
-        with os.scandir(h.fd) as it:
-            for e in it:
-                out.append((os.fsencode(e.name), e.inode(), _dtype(e)))
-        return out
+    def _dot_ino(self, h: DirHandle, name: bytes, ino: int) -> int:
+        """'..' of the shared root reports the root itself: never reveal what lies above."""
+        if name == b".." and h.inode is self.inodes.root:
+            return stat_fd(h.inode.fd).ino
+        return ino
 
-    def _entries(self, fh: int, offset: int) -> list[tuple[bytes, int, int]]:
+    def _dtype_at(self, h: DirHandle, name: bytes) -> int:
+        """d_type for a filesystem that reports DT_UNKNOWN."""
+        try:
+            return stat.S_IFMT(os.stat(name, dir_fd=h.fd, follow_symlinks=False).st_mode) >> 12
+        except OSError:
+            return DT_UNKNOWN
+
+    # READDIR(PLUS) walk the handle's linux_dirent64 records inline (no call per entry):
+    # ``pos``/``next_off`` advance only past emitted (or vanished) entries and are stored
+    # back on the handle whatever happens, so an entry that did not fit comes first next time.
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, sink: DirSink) -> None:
         h = self.handles.dir(fh)
         with h.lock:
-            if offset == 0 or h.entries is None:
-                h.entries = self._snapshot(h)
-            return h.entries
-
-    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, sink: DirSink) -> None:
-        entries = self._entries(fh, offset)
-        for i in range(offset, len(entries)):
-            name, ino, dtype = entries[i]
-            if not sink.fits(name):
-                break
-            sink.add(name, ino, dtype, i + 1)
+            h.seek(offset)
+            data, pos, next_off = h.data, h.pos, h.next_off
+            try:
+                while True:
+                    if pos >= len(data):
+                        data, pos = h.fill(), 0
+                        if not data:
+                            break
+                    ino, off, reclen, dtype = DIRENT64_UNPACK(data, pos)
+                    end = pos + reclen
+                    name = data[pos + DIRENT64_NAME:data.index(0, pos + DIRENT64_NAME, end)]
+                    if not sink.fits(name):
+                        break  # left pending: the next READDIR at next_off starts with it
+                    if name in _DOTS:
+                        ino = self._dot_ino(h, name, ino)
+                    elif dtype == DT_UNKNOWN:
+                        dtype = self._dtype_at(h, name)
+                    off &= _U64  # the kernel's s64 cookie, as the u64 the guest hands back
+                    sink.add(name, ino, dtype, off)
+                    pos, next_off = end, off
+            finally:
+                h.pos, h.next_off = pos, next_off
 
     def readdirplus(self, ctx: Context, nodeid: int, fh: int, offset: int, sink: DirSink) -> None:
-        entries = self._entries(fh, offset)
-        parent = self.handles.dir(fh).inode
+        h = self.handles.dir(fh)
+        parent = h.inode
         emitted = 0
-        for i in range(offset, len(entries)):
-            name, ino, dtype = entries[i]
-            if not sink.fits(name):
-                break
-            if name in _DOTS:  # nodeid 0: the kernel neither links nor counts it
-                attr = Attr(ino, 0, 0, 0, 0, 0, 0, 0, 0, dtype << 12, 0, 0, 0, 0, 0)
-                sink.add(name, ino, dtype, i + 1, Entry(0, 0, attr, 0.0, 0.0))
-                emitted += 1
-                continue
+        with h.lock:
+            h.seek(offset)
+            data, pos, next_off = h.data, h.pos, h.next_off
             try:
-                entry = self._lookup_in(parent, name)
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    continue  # removed since the snapshot
-                if emitted:
-                    break  # reply with what we have; the counts already given stand
-                raise
-            sink.add(name, entry.attr.ino, stat.S_IFMT(entry.attr.mode) >> 12, i + 1, entry)
-            emitted += 1
+                while True:
+                    if pos >= len(data):
+                        data, pos = h.fill(), 0
+                        if not data:
+                            break
+                    ino, off, reclen, dtype = DIRENT64_UNPACK(data, pos)
+                    end = pos + reclen
+                    name = data[pos + DIRENT64_NAME:data.index(0, pos + DIRENT64_NAME, end)]
+                    if not sink.fits(name):
+                        break
+                    off &= _U64
+                    if name in _DOTS:  # nodeid 0: the kernel neither links nor counts it
+                        ino = self._dot_ino(h, name, ino)
+                        attr = Attr(ino, 0, 0, 0, 0, 0, 0, 0, 0, DT_DIR << 12, 0, 0, 0, 0, 0)
+                        sink.add(name, ino, DT_DIR, off, Entry(0, 0, attr, 0.0, 0.0))
+                        pos, next_off = end, off
+                        emitted += 1
+                        continue
+                    try:
+                        entry = self._lookup_in(parent, name)
+                    except OSError as e:
+                        if e.errno == errno.ENOENT:
+                            pos, next_off = end, off  # removed since getdents64 read it
+                            continue
+                        if emitted:
+                            break  # reply with what we have; the counts already given stand
+                        raise
+                    sink.add(name, entry.attr.ino, stat.S_IFMT(entry.attr.mode) >> 12, off, entry)
+                    pos, next_off = end, off
+                    emitted += 1
+            finally:
+                h.pos, h.next_off = pos, next_off
 
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         self.handles.remove(fh, DirHandle)

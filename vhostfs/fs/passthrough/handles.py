@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
 
+from vhostfs import hostsys
 from vhostfs.fs.passthrough.inodes import Inode
+
+# struct linux_dirent64 {u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[];}
+_DIRENT64 = struct.Struct("=QqHB")
+DIRENT64_UNPACK = _DIRENT64.unpack_from
+DIRENT64_NAME = _DIRENT64.size
 
 
 class FileHandle:
@@ -25,20 +32,59 @@ class FileHandle:
                 pass
 
 
-class DirHandle:
-    """A directory stream: an O_RDONLY|O_DIRECTORY fd and a listing snapshot.
+_scratch = threading.local()
 
-    The snapshot is taken at offset 0 (opendir/rewinddir) and entry i is reported with
-    d_off = i + 1, so READDIR at any offset the kernel got from us resumes exactly.
+
+def _getdents_buffer():
+    """The calling thread's getdents64 buffer (one per worker thread, reused)."""
+    try:
+        return _scratch.buf, _scratch.cbuf
+    except AttributeError:
+        _scratch.buf, _scratch.cbuf = hostsys.dirent_buffer(DirHandle.BUF_SIZE)
+        return _scratch.buf, _scratch.cbuf
+
+
+class DirHandle:
+    """A directory stream: an O_RDONLY|O_DIRECTORY fd read in place with getdents64.
+
+    Entries are reported with the kernel's own d_off cookie, so READDIR at any offset
+    the guest got from us resumes with ``lseek(fd, off)``.  Memory stays bounded: the
+    records of the last getdents64 (at most ``BUF_SIZE`` bytes, read into the worker
+    thread's buffer) are kept as ``data`` while a listing is in progress and dropped at
+    its end; ``data[pos:]`` are the entries not yet emitted (those that did not fit in
+    the last reply), and ``next_off`` the cookie the guest passes to get the first of
+    them (None: unknown, seek).  ``lock`` serialises the stream: two READDIRs of one
+    handle may run on two workers.
     """
 
-    __slots__ = ("fd", "inode", "entries", "lock", "__weakref__")
+    BUF_SIZE = 16 * 1024
+
+    __slots__ = ("fd", "inode", "lock", "data", "pos", "next_off", "__weakref__")
 
     def __init__(self, fd: int, inode: Inode) -> None:
         self.fd = fd
         self.inode = inode
-        self.entries: list[tuple[bytes, int, int]] | None = None  # (name, ino, d_type)
         self.lock = threading.Lock()
+        self.data = b""
+        self.pos = 0
+        self.next_off: int | None = 0  # a freshly opened directory fd is at its start
+
+    def seek(self, off: int) -> None:
+        """Make the entry after cookie ``off`` the next one (0: rewind, re-reading the
+        directory).  Without a change of position the pending entries are kept."""
+        if off == 0 or off != self.next_off:
+            self.data, self.pos, self.next_off = b"", 0, None
+            hostsys.dir_seek(self.fd, off)
+            self.next_off = off
+
+    def fill(self) -> bytes:
+        """Read the next records (``data``, ``pos`` = 0); b"" at the end of the directory.
+        On an error the handle is left as it was."""
+        buf, cbuf = _getdents_buffer()
+        n = hostsys.getdents64(self.fd, cbuf, self.BUF_SIZE)
+        self.data = data = bytes(memoryview(buf)[:n]) if n else b""
+        self.pos = 0
+        return data
 
     def __del__(self) -> None:
         fd, self.fd = self.fd, -1
