@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from vhostfs import hostsys
+from vhostfs.fs.api import Attr  # struct fuse_attr: one declaration for both sides
 from vhostfs.fuse import abi
 from vhostfs.vhost_user import messages as vm
 
@@ -191,26 +192,6 @@ def encode_batch_forget(items: list[tuple[int, int]]) -> Op:
 
 def encode_destroy() -> Op:
     return Op(O.DESTROY, 0, b"", 0)
-
-
-@dataclass(slots=True)
-class Attr:
-    ino: int
-    size: int
-    blocks: int
-    atime: int
-    mtime: int
-    ctime: int
-    atimensec: int
-    mtimensec: int
-    ctimensec: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    blksize: int
-    flags: int
 
 
 @dataclass(slots=True)
