@@ -12,17 +12,8 @@ set -eu
 cache=${1:-${VHOSTFS_QEMU_BPO_CACHE:-${HOME:-/tmp}/.cache/vhostfs/qemu-backports}}
 wrapper=$cache/qemu-system-x86_64
 if [ -x "$wrapper" ] && "$wrapper" --version >/dev/null 2>&1; then echo "$wrapper"; exit 0; fi
-command -v apt-get >/dev/null || { echo "fetch-qemu-backports: apt-get is needed" >&2; exit 1; }
-command -v dpkg-deb >/dev/null || { echo "fetch-qemu-backports: dpkg-deb is needed" >&2; exit 1; }
-mkdir -p "$cache/lists/partial" "$cache/archives/partial" "$cache/debs" "$cache/root"
-mirror=$(sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n 1)
-[ -n "$mirror" ] || mirror=$(awk '$1=="deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
-[ -n "$mirror" ] || { echo "fetch-qemu-backports: no Debian mirror configured in apt" >&2; exit 1; }
-mirror=${mirror%% *}
-printf 'deb %s bookworm main\ndeb %s bookworm-backports main\n' "$mirror" "$mirror" > "$cache/sources.list"
-apt_opts="-o Dir::Etc::SourceList=$cache/sources.list -o Dir::Etc::SourceParts=/dev/null \
--o Dir::State::Lists=$cache/lists -o Dir::Cache=$cache -o Debug::NoLocking=1 -o APT::Sandbox::User=root"
-apt-get $apt_opts update -qq >&2
+. "$(dirname "$0")/private-apt.sh"
+private_apt_setup "$cache" fetch-qemu-backports bookworm bookworm-backports
 cd "$cache/debs"
 # shellcheck disable=SC2086
 apt-get $apt_opts download qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports >&2

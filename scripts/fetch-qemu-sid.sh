@@ -11,17 +11,8 @@ set -eu
 cache=${1:-${VHOSTFS_QEMU_SID_CACHE:-${HOME:-/tmp}/.cache/vhostfs/qemu-sid}}
 wrapper=$cache/qemu-system-x86_64
 if [ -x "$wrapper" ] && "$wrapper" --version >/dev/null 2>&1; then echo "$wrapper"; exit 0; fi
-command -v apt-get >/dev/null || { echo "fetch-qemu-sid: apt-get is needed" >&2; exit 1; }
-command -v dpkg-deb >/dev/null || { echo "fetch-qemu-sid: dpkg-deb is needed" >&2; exit 1; }
-mkdir -p "$cache/lists/partial" "$cache/archives/partial" "$cache/debs" "$cache/root"
-mirror=$(sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n 1)
-[ -n "$mirror" ] || mirror=$(awk '$1=="deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
-[ -n "$mirror" ] || { echo "fetch-qemu-sid: no Debian mirror configured in apt" >&2; exit 1; }
-mirror=${mirror%% *}
-echo "deb $mirror sid main" > "$cache/sources.list"
-apt_opts="-o Dir::Etc::SourceList=$cache/sources.list -o Dir::Etc::SourceParts=/dev/null \
--o Dir::State::Lists=$cache/lists -o Dir::Cache=$cache -o Debug::NoLocking=1 -o APT::Sandbox::User=root"
-apt-get $apt_opts update -qq >&2
+. "$(dirname "$0")/private-apt.sh"
+private_apt_setup "$cache" fetch-qemu-sid sid
 # qemu itself, then the sid libraries it links (dax.md §3.1; qemu-system-data is not needed).
 pkgs="qemu-system-x86 qemu-system-common libaio1t64 libbpf1 libc6 libcapstone5 libfdt1 libfuse3-4
 libglib2.0-0t64 libgmp10 libgnutls30t64 libhogweed6t64 libibverbs1 libjpeg62-turbo libnettle8t64
