@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import errno
-import os
 import struct
 import threading
 
 from vhostfs import hostsys
-from vhostfs.fs.passthrough.inodes import Inode
+from vhostfs.fs.passthrough.inodes import FdOwner, Inode
 
 # struct linux_dirent64 {u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[];}
 _DIRENT64 = struct.Struct("=QqHB")
@@ -15,21 +14,13 @@ DIRENT64_UNPACK = _DIRENT64.unpack_from
 DIRENT64_NAME = _DIRENT64.size
 
 
-class FileHandle:
-    __slots__ = ("fd", "inode", "flags", "__weakref__")
+class FileHandle(FdOwner):
+    __slots__ = ("inode", "flags")
 
     def __init__(self, fd: int, inode: Inode, flags: int) -> None:
         self.fd = fd
         self.inode = inode
         self.flags = flags
-
-    def __del__(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 _scratch = threading.local()
@@ -44,7 +35,7 @@ def _getdents_buffer():
         return _scratch.buf, _scratch.cbuf
 
 
-class DirHandle:
+class DirHandle(FdOwner):
     """A directory stream: an O_RDONLY|O_DIRECTORY fd read in place with getdents64.
 
     Entries are reported with the kernel's own d_off cookie, so READDIR at any offset
@@ -59,7 +50,7 @@ class DirHandle:
 
     BUF_SIZE = 16 * 1024
 
-    __slots__ = ("fd", "inode", "lock", "data", "pos", "next_off", "__weakref__")
+    __slots__ = ("inode", "lock", "data", "pos", "next_off")
 
     def __init__(self, fd: int, inode: Inode) -> None:
         self.fd = fd
@@ -85,14 +76,6 @@ class DirHandle:
         self.data = data = bytes(memoryview(buf)[:n]) if n else b""
         self.pos = 0
         return data
-
-    def __del__(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 class HandleTable:

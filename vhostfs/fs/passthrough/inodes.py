@@ -27,8 +27,24 @@ PROC_SELF_FD = "/proc/self/fd"
 DEFAULT_MAX_INODES = 1 << 20
 
 
-class Inode:
-    __slots__ = ("nodeid", "fd", "key", "ftype", "nlookup", "plocks", "__weakref__")
+class FdOwner:
+    """Owns one host fd (``-1`` once closed) and closes it exactly once, when the last
+    reference goes: a request still using the object keeps the fd number valid, so a
+    recycled number is never used by mistake."""
+
+    __slots__ = ("fd", "__weakref__")
+
+    def __del__(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Inode(FdOwner):
+    __slots__ = ("nodeid", "key", "ftype", "nlookup", "plocks")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int, int], ftype: int) -> None:
         self.nodeid = nodeid
@@ -43,13 +59,6 @@ class Inode:
         """/proc/self/fd/N: re-opens the inode itself (the magic link never resolves by name)."""
         return f"{PROC_SELF_FD}/{self.fd}"
 
-    def __del__(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def stat_fd(fd: int) -> hostsys.Statx:

@@ -28,6 +28,7 @@ import time
 from typing import Callable
 
 from vhostfs.fs.api import Cancel, FileLock
+from vhostfs.fs.passthrough.inodes import FdOwner
 
 OFFSET_MAX = (1 << 63) - 1
 #: struct flock on every 64-bit Linux ABI: short l_type, short l_whence, off_t l_start,
@@ -37,22 +38,14 @@ _CONFLICT = (errno.EAGAIN, errno.EACCES)
 _FIRST_DELAY, _MAX_DELAY = 0.001, 0.02
 
 
-class OwnerFile:
+class OwnerFile(FdOwner):
     """One lock owner's open file description on one inode (closed with the object)."""
 
-    __slots__ = ("fd", "pid", "__weakref__")
+    __slots__ = ("pid",)
 
     def __init__(self, fd: int, pid: int) -> None:
         self.fd = fd
         self.pid = pid  # the guest pid that last locked through it (for GETLK)
-
-    def __del__(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def pack_flock(lock: FileLock) -> bytes:
