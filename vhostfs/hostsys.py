@@ -19,12 +19,6 @@ def buffer_address(buf) -> int:
     return int(lib.vhs_buffer_address(ffi.from_buffer(buf, require_writable=True)))
 
 
-def _raise_errno(what: str, *args) -> None:
-    err = ffi.errno
-    import os
-
-    raise OSError(err, f"{what}: {os.strerror(err)}", *args)
-
 
 # --- Filesystem syscalls Python's os lacks (cffi_build/parts/10_syscalls.*) ---------------
 
