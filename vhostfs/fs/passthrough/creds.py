@@ -94,11 +94,14 @@ class Credentials:
         except OSError:
             self.groups = []
 
-    def enter(self, uid: int, gid: int, groups: list[int]) -> bool:
-        """Become (uid, gid, groups) on this thread; False when nothing had to change."""
-        if not self.enabled or (uid == self.uid and gid == self.gid and not groups):
+    def enter(self, uid: int, gid: int, supp: list[int]) -> bool:
+        """Become fsuid ``uid``, fsgid ``gid`` with supplementary groups ``gid`` +
+        ``supp`` on this thread; False when nothing had to change (the daemon's own
+        ids and no extra groups: a root daemon serving guest root keeps its
+        capabilities)."""
+        if not self.enabled or (uid == self.uid and gid == self.gid and not supp):
             return False
-        hostsys.setgroups_thread(groups or [gid])
+        hostsys.setgroups_thread([gid, *supp])
         try:
             hostsys.setfsgid(gid)
             hostsys.setfsuid(uid)

@@ -27,7 +27,16 @@ FS_IOC_SETFLAGS = 0x40086602
 FS_IOC32_GETFLAGS = 0x80046601
 FS_IOC32_SETFLAGS = 0x40046602
 FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+#: struct fsxattr: fsx_xflags, fsx_extsize, fsx_nextents, fsx_projid, fsx_cowextsize
+#: (u32 each) and 8 bytes of padding.
 FSXATTR_SIZE = 28
+_fsxattr = struct.Struct("<5I8x")
+#: FS_XFLAG_* a guest may change through FS_IOC_FSSETXATTR: immutable, append, sync,
+#: noatime, nodump -- the FS_*_FL of SAFE_FLAGS that have an xflag twin.  The project
+#: id, PROJINHERIT and the extent size hints stay the host's: a project id is a host
+#: quota account, and a guest must not move its files out of it.
+SAFE_XFLAGS = 0x8 | 0x10 | 0x20 | 0x40 | 0x80
 #: The attribute flags a guest may change: sync, immutable, append-only, nodump,
 #: noatime, dirsync, nocow (the guest kernel already checked CAP_LINUX_IMMUTABLE for
 #: immutable/append).  Anything else (encryption, verity, casefold, inline data...) is
@@ -56,7 +65,8 @@ class ExtrasMixin:
         self._writable()
         inode = self.inodes.get(nodeid)
         host = self._host_xattr_name(name)
-        os.setxattr(inode.proc_path, host, value, flags)
+        self._as_caller_do(ctx, lambda: os.setxattr(inode.proc_path, host, value, flags),
+                           lambda: [stat_fd(inode.fd).gid], errnos=(errno.EACCES, errno.EPERM))
         if host == xattrs.ACL_ACCESS and setxattr_flags & 1:  # FUSE_SETXATTR_ACL_KILL_SGID
             mode = stat_fd(inode.fd).mode
             if mode & stat.S_ISGID and inode.ftype != stat.S_IFLNK:
@@ -71,13 +81,15 @@ class ExtrasMixin:
             if e.errno == errno.EPERM:  # a "bad" name reads as absent (virtiofsd too)
                 raise OSError(errno.ENODATA, "no such attribute") from None
             raise
-        value = os.getxattr(inode.proc_path, host)
+        value = self._as_caller_do(ctx, lambda: os.getxattr(inode.proc_path, host),
+                                   lambda: [stat_fd(inode.fd).gid])
         return len(value) if size == 0 else value
 
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         self._xattr_enabled()
         inode = self.inodes.get(nodeid)
-        names = [os.fsencode(n) for n in os.listxattr(inode.proc_path)]
+        names = [os.fsencode(n) for n in self._as_caller_do(
+            ctx, lambda: os.listxattr(inode.proc_path), lambda: [stat_fd(inode.fd).gid])]
         if self.xattrmap is not None:
             names = [g for g in (self.xattrmap.to_guest(n) for n in names) if g]
         if not self.posix_acl:
@@ -89,7 +101,9 @@ class ExtrasMixin:
         self._xattr_enabled()
         self._writable()
         inode = self.inodes.get(nodeid)
-        os.removexattr(inode.proc_path, self._host_xattr_name(name))
+        host = self._host_xattr_name(name)
+        self._as_caller_do(ctx, lambda: os.removexattr(inode.proc_path, host),
+                           lambda: [stat_fd(inode.fd).gid], errnos=(errno.EACCES, errno.EPERM))
 
     # --- data -----------------------------------------------------------------------------
     def _file_for(self, fh: int, nodeid: int) -> FileHandle:
@@ -130,10 +144,8 @@ class ExtrasMixin:
             raise OSError(errno.EINVAL, "O_TMPFILE needs O_WRONLY or O_RDWR")
         host_flags = self._open_flags(flags) | os.O_TMPFILE | (flags & os.O_EXCL)
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
-        fd, give = self._create_as_caller(ctx, p, lambda: os.open(".", host_flags, perm, dir_fd=p.fd))
+        fd = self._create_as_caller(ctx, p, lambda: os.open(".", host_flags, perm, dir_fd=p.fd))
         try:
-            if give:
-                self._give(ctx, p, fd=fd)
             self._label(ctx, fd)
             if perm & self._proc_umask:
                 os.fchmod(fd, perm)
@@ -170,7 +182,11 @@ class ExtrasMixin:
             if (want ^ have) & ~SAFE_FLAGS:
                 raise OSError(errno.EOPNOTSUPP, "only sync/immutable/append/nodump/noatime/"
                                                 "dirsync/nocow flags can be changed")
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, bytearray(_int.pack(want) + bytes(4)))
+            # On an open fd, the host checks ownership with the caller's credentials
+            # (fileattr_set: inode_owner_or_capable).
+            self._as_caller_do(ctx, lambda: fcntl.ioctl(
+                fd, FS_IOC_SETFLAGS, bytearray(_int.pack(want) + bytes(4))), tuple,
+                errnos=())
             return 0, b""
         if cmd == FS_IOC_FSGETXATTR:
             if out_size < FSXATTR_SIZE:
@@ -179,6 +195,25 @@ class ExtrasMixin:
             buf = bytearray(FSXATTR_SIZE)
             fcntl.ioctl(fd, FS_IOC_FSGETXATTR, buf)
             return 0, bytes(buf)
+        if cmd == FS_IOC_FSSETXATTR:
+            if len(data) < FSXATTR_SIZE:
+                raise OSError(errno.EINVAL, "FSSETXATTR needs struct fsxattr")
+            self._writable()
+            fd = self._any_handle_fd(fh, nodeid, is_dir)
+            cur = bytearray(FSXATTR_SIZE)
+            fcntl.ioctl(fd, FS_IOC_FSGETXATTR, cur)
+            have, want = _fsxattr.unpack_from(cur), _fsxattr.unpack_from(data)
+            if (want[0] ^ have[0]) & ~SAFE_XFLAGS:
+                raise OSError(errno.EOPNOTSUPP, "only immutable/append/sync/noatime/nodump "
+                                                "xflags can be changed")
+            if (want[1], want[3], want[4]) != (have[1], have[3], have[4]):
+                raise OSError(errno.EOPNOTSUPP, "extent size hints and project ids stay "
+                                                "the host's")
+            # Everything but the safe xflags is written back as the host has it.
+            new = bytearray(_fsxattr.pack(want[0], *have[1:]))
+            self._as_caller_do(ctx, lambda: fcntl.ioctl(fd, FS_IOC_FSSETXATTR, new), tuple,
+                               errnos=())
+            return 0, b""
         raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} is not served")
 
     def poll(self, ctx: Context, nodeid: int, fh: int, kh: int, flags: int, events: int) -> int:

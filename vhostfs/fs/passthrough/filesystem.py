@@ -210,13 +210,15 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             raise OSError(errno.EINVAL, "invalid name")
 
     @contextlib.contextmanager
-    def _as_caller(self, ctx: Context):
+    def _as_caller(self, ctx: Context, extra: tuple | list = ()):
         """Run the block with the caller's (translated) fsuid/fsgid and supplementary
-        groups on this thread only.  The groups are the ones the request carries: the
-        primary group alone, since a Linux < 6.7 guest sends no supplementary groups
-        (FUSE_CREATE_SUPP_GROUP), and root's own groups must not leak into the check."""
+        groups on this thread only: the groups the request carries
+        (FUSE_CREATE_SUPP_GROUP, Linux >= 6.7) plus ``extra``; never the daemon's own
+        groups.  A guest id the translation forbids fails with EPERM; a forbidden
+        supplementary group is left out."""
         uid, gid = self.uidmap.to_host(ctx.uid), self.gidmap.to_host(ctx.gid)
-        if not self.creds.enter(uid, gid, [gid, *ctx.groups]):
+        supp = [*self._host_groups(ctx.groups), *extra]
+        if not self.creds.enter(uid, gid, supp):
             yield
             return
         try:
@@ -224,52 +226,82 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         finally:
             self.creds.leave()
 
-    def _create_as_caller(self, ctx: Context, parent: Inode, make):
-        """Run ``make()`` (a creation in ``parent``) as the caller -> (result, chown).
+    def _host_groups(self, groups) -> list[int]:
+        if not groups or self.gidmap.identity:
+            return list(groups)
+        out = []
+        for g in groups:
+            try:
+                out.append(self.gidmap.to_host(g))
+            except OSError:
+                pass
+        return out
 
-        The host then checks the creation with the caller's fsuid, fsgid and the groups
-        the request carries.  A guest older than Linux 6.7 sends no supplementary groups
-        (FUSE_CREATE_SUPP_GROUP), so the host can refuse a creation that the guest
-        kernel -- which checked first, with the caller's full group list
-        (virtio-fs mounts are default_permissions) -- allowed through a supplementary
-        group.  Only then, and only when the request had no group list, the creation is
-        made with the daemon's credentials and ``chown`` is True: the caller must give
-        the new object to the guest caller (``_give``).  This grants nothing the guest
-        kernel had not granted; a guest kernel that lies about uids can claim uid 0
-        anyway."""
+    def _as_caller_do(self, ctx: Context, fn, gids_of, *, create: bool = False,
+                      errnos: tuple = (errno.EACCES,)):
+        """``fn()`` with the caller's credentials, so the host kernel makes the
+        permission checks (DAC, ACLs, sticky bits, protected links) for that user.
+
+        FUSE carries no supplementary groups except on create-type requests from a
+        Linux >= 6.7 guest (FUSE_CREATE_SUPP_GROUP, and then only the parent's group).
+        The guest kernel checked first with the caller's full group list (virtio-fs
+        mounts are default_permissions), so when the host refuses (``errnos``) a request
+        that carried no groups, ``fn()`` is tried once more with the groups of the
+        objects involved (``gids_of()``, host gids) as supplementary groups -- only
+        groups the guest could have named as the request's gid itself (the id
+        translation maps them back unchanged), so the retry grants nothing a guest
+        could not claim outright.  A thread in the daemon's own ids switches nothing."""
+        if ctx is None or not self.creds.enabled:
+            return fn()  # an internal call, or a daemon that switches nothing
         try:
             with self._as_caller(ctx):
-                return make(), False
+                return fn()
         except PermissionError as e:
-            if (e.errno != errno.EACCES or ctx.groups or not self.creds.enabled
-                    or getattr(self, "create_supp_group", False)
-                    or (ctx.uid == self._uid and ctx.gid == self._gid)):
+            if (e.errno not in errnos or ctx.groups
+                    or (create and getattr(self, "create_supp_group", False))):
                 raise
-            # Only where a supplementary group can make the difference: the directory
-            # grants write+search to a group that is not the caller's fsgid.
-            st = stat_fd(parent.fd)
-            if st.mode & 0o030 != 0o030 or st.gid == self.gidmap.to_host(ctx.gid):
+            if not self._switches(ctx):
+                raise  # nothing was switched: the daemon's own refusal
+            gid = self.gidmap.to_host(ctx.gid)
+            extra = [g for g in dict.fromkeys(gids_of()) if g != gid and self._claimable_gid(g)]
+            if not extra:
                 raise
-        return make(), True
+        with self._as_caller(ctx, extra):
+            return fn()
 
-    def _give(self, ctx: Context, parent: Inode, *, name: bytes | None = None,
-              fd: int | None = None) -> None:
-        """chown a new object to the (translated) caller; the group stays the one the
-        host chose when the parent is setgid (BSD group semantics)."""
-        uid = self.uidmap.to_host(ctx.uid)
-        gid = -1 if stat_fd(parent.fd).mode & stat.S_ISGID else self.gidmap.to_host(ctx.gid)
-        if fd is not None:
-            os.fchown(fd, uid, gid)
-        else:
-            os.chown(name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+    def _switches(self, ctx: Context) -> bool:
+        """Whether this request runs with other ids than the daemon's."""
+        return ctx is not None and self.creds.enabled and (self.uidmap.to_host(ctx.uid),
+                                       self.gidmap.to_host(ctx.gid)) != (self._uid, self._gid)
 
-    def _lookup_in(self, parent: Inode, name: bytes) -> Entry:
-        """Resolve one component under ``parent`` and account one lookup (+1)."""
+    def _claimable_gid(self, host_gid: int) -> bool:
+        """Whether a guest could send ``host_gid`` (translated) as a request's gid."""
+        if self.gidmap.identity:
+            return True
+        try:
+            return self.gidmap.to_host(self.gidmap.to_guest(host_gid)) == host_gid
+        except OSError:
+            return False
+
+    def _create_as_caller(self, ctx: Context, parent: Inode, make):
+        """``make()``, a creation in ``parent``, as the caller: the new object belongs
+        to the caller's fsuid/fsgid (the parent's group under a setgid parent), and the
+        parent's group is the one a supplementary group can matter for."""
+        return self._as_caller_do(ctx, make, lambda: [stat_fd(parent.fd).gid], create=True)
+
+    def _lookup_in(self, parent: Inode, name: bytes, ctx: Context | None = None) -> Entry:
+        """Resolve one component under ``parent`` and account one lookup (+1).  With
+        ``ctx`` (LOOKUP) the host checks the caller's search permission on ``parent``;
+        the bookkeeping after the openat runs with the daemon's credentials."""
         if name == b".." and parent is self.inodes.root:
             name = b"."
         elif b"/" in name or b"\0" in name or not name:
             raise OSError(errno.EINVAL, "invalid name")
-        fd = os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd)
+        if ctx is None:
+            fd = os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd)
+        else:
+            fd = self._as_caller_do(ctx, lambda: os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd),
+                                    lambda: [stat_fd(parent.fd).gid])
         try:
             st = stat_fd(fd)
             if name == b".." and not self._inside_root(fd, st):
@@ -388,7 +420,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
 
     # --- names and inodes ----------------------------------------------------------------
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
-        return self._lookup_in(self._dir(parent), name)
+        return self._lookup_in(self._dir(parent), name, ctx)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         self.inodes.forget(nodeid, nlookup)
@@ -404,6 +436,33 @@ class PassthroughFs(ExtrasMixin, FileSystem):
                 | api.FATTR_ATIME | api.FATTR_MTIME):
             self._writable()
         hfd = self.handles.file(a.fh).fd if v & api.FATTR_FH else None
+        if v & api.FATTR_SIZE and v & api.FATTR_KILL_SUIDGID and inode.ftype == stat.S_IFREG:
+            # The server's part of KILLPRIV_V2, done for the caller (who need not own
+            # the file to truncate it), before the truncation itself.
+            self._kill_suidgid(inode, hfd)
+        extra = []
+        if self._switches(ctx) and not ctx.groups:
+            # The guest kernel already decided what this caller may do with the file's
+            # group (it cleared S_ISGID from the mode if the caller is not in it, and
+            # refused a chgrp to a group the caller is not in), and FUSE carries no
+            # supplementary groups: give the host the file's group and the new one, so
+            # it neither strips S_ISGID silently nor refuses that chgrp.
+            extra = [g for g in dict.fromkeys(
+                (stat_fd(inode.fd).gid,
+                 *((self.gidmap.to_host(a.gid),) if v & api.FATTR_GID else ())))
+                if self._claimable_gid(g)]
+        if ctx is None:
+            self._setattr_as_caller(inode, hfd, a)
+        else:
+            with self._as_caller(ctx, extra):
+                self._setattr_as_caller(inode, hfd, a)
+        return self._attr(stat_fd(inode.fd)), self.timeout
+
+    def _setattr_as_caller(self, inode: Inode, hfd: int | None, a: SetAttr) -> None:
+        """SETATTR's changes in the kernel's order (mode, owner, size, times); the
+        host checks each with the caller's credentials (ownership for chmod/chown and
+        explicit times, write permission for truncate and UTIME_NOW)."""
+        v = a.valid
         if v & api.FATTR_MODE:
             if inode.ftype == stat.S_IFLNK:
                 raise OSError(errno.EOPNOTSUPP, "chmod of a symlink")
@@ -422,8 +481,6 @@ class PassthroughFs(ExtrasMixin, FileSystem):
                 raise OSError(errno.EINVAL, "truncate of a special file")
             if a.size > (1 << 63) - 1:
                 raise OSError(errno.EFBIG, "size out of range")
-            if v & api.FATTR_KILL_SUIDGID:
-                self._kill_suidgid(inode, hfd)
             if hfd is not None:
                 os.ftruncate(hfd, a.size)
             else:
@@ -440,7 +497,6 @@ class PassthroughFs(ExtrasMixin, FileSystem):
                     times.append((0, hostsys.UTIME_OMIT))
             self._writable()
             hostsys.utimensat(inode.fd, b"", times[0], times[1], _STATX_NOFOLLOW)
-        return self._attr(stat_fd(inode.fd)), self.timeout
 
     def readlink(self, ctx: Context, nodeid: int) -> bytes:
         inode = self.inodes.get(nodeid)
@@ -454,20 +510,8 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         self._plain_name(name)
         if not target or b"\0" in target:
             raise OSError(errno.EINVAL, "invalid symlink target")
-        _, give = self._create_as_caller(ctx, p, lambda: os.symlink(target, name, dir_fd=p.fd))
-        if give:
-            self._give_or_remove(ctx, p, name, os.unlink)
+        self._create_as_caller(ctx, p, lambda: os.symlink(target, name, dir_fd=p.fd))
         return self._new_entry(p, name, None, ctx)
-
-    def _give_or_remove(self, ctx: Context, p: Inode, name: bytes, remove) -> None:
-        try:
-            self._give(ctx, p, name=name)
-        except BaseException:
-            try:
-                remove(name, dir_fd=p.fd)
-            except OSError:
-                pass
-            raise
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
         p = self._dir(parent)
@@ -483,10 +527,8 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         dev = os.makedev(((rdev >> 8) & 0xFFF), (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)) \
             if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
-        _, give = self._create_as_caller(
+        self._create_as_caller(
             ctx, p, lambda: os.mknod(name, (kind or stat.S_IFREG) | perm, dev, dir_fd=p.fd))
-        if give:
-            self._give_or_remove(ctx, p, name, os.unlink)
         return self._new_entry(p, name, perm, ctx)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
@@ -494,22 +536,22 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         self._writable()
         self._plain_name(name)
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
-        _, give = self._create_as_caller(ctx, p, lambda: os.mkdir(name, perm, dir_fd=p.fd))
-        if give:
-            self._give_or_remove(ctx, p, name, os.rmdir)
+        self._create_as_caller(ctx, p, lambda: os.mkdir(name, perm, dir_fd=p.fd))
         return self._new_entry(p, name, perm, ctx)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         p = self._dir(parent)
         self._writable()
         self._plain_name(name)
-        os.unlink(name, dir_fd=p.fd)
+        self._as_caller_do(ctx, lambda: os.unlink(name, dir_fd=p.fd),
+                           lambda: [stat_fd(p.fd).gid])
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         p = self._dir(parent)
         self._writable()
         self._plain_name(name)
-        os.rmdir(name, dir_fd=p.fd)
+        self._as_caller_do(ctx, lambda: os.rmdir(name, dir_fd=p.fd),
+                           lambda: [stat_fd(p.fd).gid])
 
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
                flags: int) -> None:
@@ -520,9 +562,12 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         if flags & ~_RENAME_FLAGS:
             raise OSError(errno.EINVAL, "unknown rename flags")
         if flags:
-            hostsys.renameat2(p.fd, name, np.fd, newname, flags)
+            def move():
+                hostsys.renameat2(p.fd, name, np.fd, newname, flags)
         else:
-            os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
+            def move():
+                os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
+        self._as_caller_do(ctx, move, lambda: [stat_fd(p.fd).gid, stat_fd(np.fd).gid])
 
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         inode = self.inodes.get(nodeid)
@@ -533,7 +578,11 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             raise OSError(errno.EPERM, "hard link to a directory")
         # linkat(AT_SYMLINK_FOLLOW) through the magic link links the inode itself
         # (a symlink inode included); no path is resolved by name.
-        os.link(inode.proc_path, newname, dst_dir_fd=np.fd, follow_symlinks=True)
+        # The caller's credentials: write on the new parent, and the host's
+        # protected_hardlinks rule (owner, or read+write access) on the file.
+        self._as_caller_do(
+            ctx, lambda: os.link(inode.proc_path, newname, dst_dir_fd=np.fd, follow_symlinks=True),
+            lambda: [stat_fd(np.fd).gid, stat_fd(inode.fd).gid], errnos=(errno.EACCES, errno.EPERM))
         return self._lookup_in(np, newname)
 
     def access(self, ctx: Context, nodeid: int, mask: int) -> None:
@@ -544,10 +593,10 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             raise OSError(errno.EROFS, "read-only share")
         if inode.ftype == stat.S_IFLNK or mask == os.F_OK:
             return
-        with self._as_caller(ctx):
-            ok = os.access(inode.proc_path, mask, effective_ids=True)
-        if not ok:
-            raise OSError(errno.EACCES, "access denied")
+        def check():
+            if not os.access(inode.proc_path, mask, effective_ids=True):
+                raise OSError(errno.EACCES, "access denied")
+        self._as_caller_do(ctx, check, lambda: [stat_fd(inode.fd).gid])
 
     def statfs(self, ctx: Context, nodeid: int) -> StatFs:
         s = os.fstatvfs(self.inodes.get(nodeid).fd)
@@ -570,18 +619,31 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             out &= ~os.O_APPEND
         return out
 
-    def _reopen(self, inode: Inode, flags: int) -> int:
+    def _reopen(self, ctx: Context, inode: Inode, flags: int) -> int:
         if inode.ftype == stat.S_IFLNK:
             raise OSError(errno.ELOOP, "symlinks are not opened")
         if inode.ftype == stat.S_IFDIR:
             raise OSError(errno.EISDIR, "is a directory")
         if inode.ftype != stat.S_IFREG:
             raise OSError(errno.EACCES, "special files are not opened on the host")
-        return os.open(inode.proc_path, self._open_flags(flags))
+        host = self._open_flags(flags)
+        path = inode.proc_path
+        gids = lambda: [stat_fd(inode.fd).gid]  # noqa: E731
+        try:
+            return self._as_caller_do(ctx, lambda: os.open(path, host), gids)
+        except PermissionError:
+            if not (host & os.O_ACCMODE == os.O_RDWR and flags & os.O_ACCMODE == os.O_WRONLY):
+                raise
+        # --writeback made an O_WRONLY open O_RDWR (the guest page cache may read
+        # through any handle) and the caller may not read: the caller's own O_WRONLY
+        # open decides, then the daemon opens it O_RDWR (as virtiofsd does).
+        wronly = (host & ~(os.O_ACCMODE | os.O_TRUNC)) | os.O_WRONLY
+        os.close(self._as_caller_do(ctx, lambda: os.open(path, wronly), gids))
+        return os.open(path, host)
 
     def open(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
         inode = self.inodes.get(nodeid)
-        fd = self._reopen(inode, flags)
+        fd = self._reopen(ctx, inode, flags)
         if ctx.kill_suidgid and flags & os.O_TRUNC:
             try:
                 self._kill_suidgid(inode, fd)
@@ -619,11 +681,9 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         host_flags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
         try:
-            fd, give = self._create_as_caller(
+            fd = self._create_as_caller(
                 ctx, p, lambda: os.open(name, host_flags, perm, dir_fd=p.fd))
             try:
-                if give:
-                    self._give(ctx, p, fd=fd)
                 self._label(ctx, fd)
             except BaseException:
                 os.close(fd)
@@ -729,7 +789,9 @@ class PassthroughFs(ExtrasMixin, FileSystem):
     # --- directories ---------------------------------------------------------------------
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
         inode = self._dir(nodeid)
-        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self._as_caller_do(
+            ctx, lambda: os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
+            lambda: [stat_fd(inode.fd).gid])
         return self.handles.add(DirHandle(fd, inode)), self._dir_open_flags
 
     def _dot_ino(self, h: DirHandle, name: bytes, ino: int) -> int:
