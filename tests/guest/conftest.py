@@ -24,8 +24,9 @@ def _missing() -> str | None:
         qemu.qemu_binary()
         k = kernel.find_kernel(os.environ.get("VHOSTFS_GUEST_KERNEL"))
         initramfs.find_busybox()
-        for name in initramfs.MODULES:
-            initramfs.module_path(k.version, name)
+        # (a kernel with the chain built in, e.g. the backports 6.12, needs no module file)
+        for name in initramfs.modules_for(k.version, k.modules_dir):
+            initramfs.module_path(k.version, name, k.modules_dir)
     except FileNotFoundError as exc:
         return str(exc)
     if BACKEND == "virtiofsd" and not os.access("/usr/lib/qemu/virtiofsd", os.X_OK):

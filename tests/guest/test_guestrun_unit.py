@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from vhostfs.guestrun import initramfs, qemu, runner
+from vhostfs.guestrun import initramfs, kernel, qemu, runner
 
 
 def test_cpio_archive_is_read_by_gnu_cpio(tmp_path):
@@ -96,3 +96,65 @@ def test_init_script_loads_modules_in_dependency_order():
     line = next(l for l in initramfs.INIT_SCRIPT.splitlines() if l.startswith("for m in"))
     assert line == "for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci fuse virtiofs; do"
     assert "poweroff -f" in initramfs.INIT_SCRIPT and "umount /mnt" in initramfs.INIT_SCRIPT
+
+
+def _kernel_tree(root, version: str, builtin: list[str], dep: list[str]):
+    """An extracted kernel package: boot/vmlinuz-V (not a real bzImage: the version then
+    comes from the name), lib/modules/V/{modules.builtin,modules.dep} and the .ko files."""
+    (root / "boot").mkdir(parents=True)
+    (root / "boot" / f"vmlinuz-{version}").write_bytes(b"\0" * 1024)
+    mods = root / "lib" / "modules" / version
+    mods.mkdir(parents=True)
+    (mods / "modules.builtin").write_text("".join(p + "\n" for p in builtin))
+    (mods / "modules.dep").write_text("".join(line + "\n" for line in dep))
+    for line in dep:
+        ko = mods / line.split(":")[0]
+        ko.parent.mkdir(parents=True, exist_ok=True)
+        ko.write_bytes(b"\x7fELF")
+    return mods
+
+
+def test_modules_of_a_kernel_with_the_chain_built_in(tmp_path):
+    """Debian's 6.12: virtio, virtio_pci, fuse and virtiofs are all built in: nothing to load."""
+    builtin = [f"kernel/drivers/virtio/{m}.ko" for m in
+               ("virtio", "virtio_ring", "virtio_pci", "virtio_pci_modern_dev", "virtio_pci_legacy_dev")]
+    builtin += ["kernel/fs/fuse/fuse.ko", "kernel/fs/fuse/virtiofs.ko"]
+    mods = _kernel_tree(tmp_path, "6.12.9-amd64", builtin, ["kernel/fs/fuse/cuse.ko.xz:"])
+    k = kernel.find_kernel(root=tmp_path)
+    assert (k.version, k.modules_dir, k.image.name) == ("6.12.9-amd64", mods, "vmlinuz-6.12.9-amd64")
+    assert initramfs.modules_for(k.version, k.modules_dir) == ()
+    assert "for m in ; do" in initramfs.init_script(())
+    # the bzImage given alone (no /lib/modules/<version> on the system): its tree's modules
+    assert kernel.find_kernel(k.image) == k
+
+
+def test_modules_follow_modules_dep_and_skip_built_ins(tmp_path):
+    """A chain partly built in, with an extra dependency: dependencies come first."""
+    builtin = ["kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko"]
+    dep = ["kernel/drivers/virtio/virtio_pci_modern_dev.ko.xz:",
+           "kernel/drivers/virtio/virtio_pci_legacy_dev.ko.xz:",
+           "kernel/drivers/virtio/virtio_pci.ko.xz: kernel/drivers/virtio/virtio_pci_modern_dev.ko.xz"
+           " kernel/drivers/virtio/virtio_pci_legacy_dev.ko.xz",
+           "kernel/fs/netfs/extra-dep.ko.zst:",
+           "kernel/fs/fuse/fuse.ko.zst: kernel/fs/netfs/extra-dep.ko.zst",
+           "kernel/fs/fuse/virtiofs.ko.zst: kernel/fs/fuse/fuse.ko.zst"]
+    mods = _kernel_tree(tmp_path, "6.99.0-test", builtin, dep)
+    assert initramfs.modules_for("6.99.0-test", mods) == (
+        "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "extra_dep", "fuse", "virtiofs")
+    assert initramfs.module_path("6.99.0-test", "extra_dep", mods).name == "extra-dep.ko.zst"
+
+
+def test_system_kernel_keeps_its_module_chain_and_cache_key():
+    """The default (Debian 6.1) kernel: the same modules, /init and cache key as before."""
+    try:
+        k = kernel.find_kernel()
+        initramfs.module_path(k.version, "virtiofs")
+        busybox = initramfs.find_busybox()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert k.modules_dir is None
+    mods = initramfs.modules_for(k.version)
+    if mods != initramfs.MODULES:
+        pytest.skip(f"the system kernel {k.version} has another module chain: {mods}")
+    assert initramfs.init_script(mods) == initramfs.INIT_SCRIPT
+    assert initramfs.base_key(k.version, busybox) == initramfs.base_key(k.version, busybox, None)

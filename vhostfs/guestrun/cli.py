@@ -42,7 +42,12 @@ def _echo(line: str) -> None:
 @click.option("--tag", default="vhostfs", show_default=True, help="virtio-fs tag.")
 @click.option("--kernel", type=click.Path(exists=True, dir_okay=False),
               help="Guest bzImage (default: the newest /boot/vmlinuz-*); modules come from "
-                   "/lib/modules/<its version>.")
+                   "/lib/modules/<its version>, or from the package tree the bzImage was "
+                   "extracted into (DIR/boot/vmlinuz-* with DIR/lib/modules/<version>).")
+@click.option("--kernel-root", type=click.Path(exists=True, file_okay=False),
+              help="An extracted kernel package (DIR/boot/vmlinuz-*, DIR/lib/modules/<version>), "
+                   "e.g. the Debian backports kernel: "
+                   "--kernel-root \"$(scripts/fetch-kernel-backports.sh)\".")
 @click.option("--backend", default=lambda: os.environ.get("VHOSTFS_GUEST_BACKEND", "vhostfs"),
               show_default="vhostfs, or $VHOSTFS_GUEST_BACKEND",
               help="'vhostfs' (this daemon), 'virtiofsd' (QEMU's C reference) or a command template "
@@ -60,8 +65,8 @@ def _echo(line: str) -> None:
 @click.option("--script", "script_file", type=click.File("r"),
               help="Run this shell script instead of CMD.")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
-def guest_run(share, tag, kernel, backend, log_level, memory, smp, queue_size, mount_opts,
-              timeout, pvh, keep, script_file, cmd):
+def guest_run(share, tag, kernel, kernel_root, backend, log_level, memory, smp, queue_size,
+              mount_opts, timeout, pvh, keep, script_file, cmd):
     """Boot a guest, mount SHARE there (virtio-fs, at /mnt) and run CMD in it.
 
     One CMD word is a shell script (`-- 'ls -l; sha256sum *'`); several words are one
@@ -80,8 +85,9 @@ def guest_run(share, tag, kernel, backend, log_level, memory, smp, queue_size, m
     # Also when started in the background by a shell that ignores SIGINT there.
     old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        runner = GuestRunner(share, tag=tag, kernel=kernel, backend=backend, memory=memory, smp=smp,
-                             queue_size=queue_size, timeout=timeout, log_level=log_level, pvh=pvh,
+        runner = GuestRunner(share, tag=tag, kernel=kernel, kernel_root=kernel_root, backend=backend,
+                             memory=memory, smp=smp, queue_size=queue_size, timeout=timeout,
+                             log_level=log_level, pvh=pvh,
                              mount_opts=mount_opts, keep=keep, echo=_echo)
         result = runner.run(script)
     except GuestTimeout as exc:

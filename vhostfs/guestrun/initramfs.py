@@ -24,7 +24,9 @@ import subprocess
 import tempfile
 
 # virtio_ring must come before virtio, and so on: loading out of order fails with
-# "Unknown symbol" (see /work/shared/design/guest.md).
+# "Unknown symbol" (see /work/shared/design/guest.md).  This is the chain of the Debian 6.1
+# kernel; ``modules_for`` drops the ones a kernel has built in (Debian's 6.12 builds all of
+# them in) and adds any further dependency its modules.dep names.
 MODULES = (
     "virtio_ring",
     "virtio",
@@ -37,7 +39,7 @@ MODULES = (
 
 MARK = "@@VHOSTFS"  # every marker is MARK-<KIND>-<nonce>[ <value>]@@
 
-INIT_SCRIPT = r"""#!/bin/sh
+_INIT_TEMPLATE = r"""#!/bin/sh
 # vhostfs guest-run /init: mount the virtio-fs share, run the command(s), power off.
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/root TERM=dumb
@@ -92,7 +94,15 @@ sync
 umount /mnt
 mark UMOUNT $?
 halt
-""".replace("@MODULES@", " ".join(MODULES))
+"""
+
+
+def init_script(modules: tuple[str, ...] | list[str]) -> str:
+    """/init loading ``modules`` (in this order) before it mounts the share."""
+    return _INIT_TEMPLATE.replace("@MODULES@", " ".join(modules))
+
+
+INIT_SCRIPT = init_script(MODULES)
 
 
 def cache_dir() -> pathlib.Path:
@@ -159,15 +169,62 @@ def find_busybox() -> pathlib.Path:
     raise FileNotFoundError("no static busybox found (install the busybox-static package)")
 
 
-def module_path(kernel_version: str, name: str) -> pathlib.Path:
-    root = pathlib.Path("/lib/modules") / kernel_version
+def _modules_root(kernel_version: str, modules_dir: pathlib.Path | None) -> pathlib.Path:
+    return pathlib.Path(modules_dir) if modules_dir is not None \
+        else pathlib.Path("/lib/modules") / kernel_version
+
+
+def _name(path: str) -> str:
+    """``kernel/fs/fuse/virtiofs.ko.xz`` -> ``virtiofs`` (module names use ``_``)."""
+    base = path.rsplit("/", 1)[-1]
+    return base[:base.index(".ko")].replace("-", "_") if ".ko" in base else base
+
+
+def module_path(kernel_version: str, name: str,
+                modules_dir: pathlib.Path | None = None) -> pathlib.Path:
+    root = _modules_root(kernel_version, modules_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist: no modules for kernel {kernel_version}")
-    for suffix in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
-        hits = sorted(root.rglob(name + suffix))
-        if hits:
-            return hits[0]
+    # module names use "_" where some file names have "-"
+    for stem in dict.fromkeys((name, name.replace("_", "-"))):
+        for suffix in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
+            hits = sorted(root.rglob(stem + suffix))
+            if hits:
+                return hits[0]
     raise FileNotFoundError(f"module {name} not found under {root}")
+
+
+def modules_for(kernel_version: str, modules_dir: pathlib.Path | None = None) -> tuple[str, ...]:
+    """The modules /init must load for the virtio-fs mount, in load order: MODULES minus
+    those built into the kernel (``modules.builtin``), each preceded by the dependencies
+    ``modules.dep`` names for it (for the Debian 6.1 kernel: exactly MODULES)."""
+    root = _modules_root(kernel_version, modules_dir)
+    builtin: set[str] = set()
+    deps: dict[str, list[str]] = {}
+    try:
+        lines = (root / "modules.builtin").read_text().splitlines()
+        builtin = {_name(line.strip()) for line in lines if line.strip()}
+    except OSError:
+        pass
+    try:
+        for line in (root / "modules.dep").read_text().splitlines():
+            mod, sep, rest = line.partition(":")
+            if sep:
+                deps[_name(mod)] = [_name(d) for d in rest.split()]
+    except OSError:
+        pass
+    order: list[str] = []
+
+    def add(name: str, depth: int = 0) -> None:
+        if name in order or name in builtin or depth > 32:
+            return
+        for dep in reversed(deps.get(name, [])):   # modprobe loads the last one first
+            add(dep, depth + 1)
+        order.append(name)
+
+    for name in MODULES:
+        add(name)
+    return tuple(order)
 
 
 def read_module(path: pathlib.Path) -> bytes:
@@ -181,20 +238,26 @@ def read_module(path: pathlib.Path) -> bytes:
     return data
 
 
-def base_key(kernel_version: str, busybox: pathlib.Path) -> str:
+def base_key(kernel_version: str, busybox: pathlib.Path,
+             modules_dir: pathlib.Path | None = None) -> str:
+    modules = modules_for(kernel_version, modules_dir)
     h = hashlib.sha256()
     h.update(kernel_version.encode() + b"\0")
+    if modules_dir is not None:    # (the system's /lib/modules keeps its old keys)
+        h.update(str(modules_dir).encode() + b"\0")
     h.update(hashlib.sha256(busybox.read_bytes()).digest())
-    h.update(INIT_SCRIPT.encode())
-    h.update(" ".join(MODULES).encode())
-    for name in MODULES:
-        st = module_path(kernel_version, name).stat()
+    h.update(init_script(modules).encode())
+    h.update(" ".join(modules).encode())
+    for name in modules:
+        st = module_path(kernel_version, name, modules_dir).stat()
         h.update(b"%d:%d" % (st.st_size, st.st_mtime_ns))
     return h.hexdigest()[:16]
 
 
-def build_base(kernel_version: str, busybox: pathlib.Path | None = None) -> bytes:
+def build_base(kernel_version: str, busybox: pathlib.Path | None = None,
+               modules_dir: pathlib.Path | None = None) -> bytes:
     busybox = busybox or find_busybox()
+    modules = modules_for(kernel_version, modules_dir)
     cpio = CpioWriter()
     for d in ("bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "root", "sys", "tmp"):
         cpio.directory(d)
@@ -202,18 +265,21 @@ def build_base(kernel_version: str, busybox: pathlib.Path | None = None) -> byte
     cpio.chardev("dev/null", 1, 3, 0o666)
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.symlink("bin/sh", "busybox")
-    for name in MODULES:
-        cpio.file(f"lib/modules/{name}.ko", read_module(module_path(kernel_version, name)))
-    cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    for name in modules:
+        cpio.file(f"lib/modules/{name}.ko",
+                  read_module(module_path(kernel_version, name, modules_dir)))
+    cpio.file("init", init_script(modules).encode(), 0o755)
     return cpio.finish()
 
 
-def base_initramfs(kernel_version: str) -> pathlib.Path:
-    """Path of the cached base initramfs for this kernel (built on first use)."""
+def base_initramfs(kernel_version: str, modules_dir: pathlib.Path | None = None) -> pathlib.Path:
+    """Path of the cached base initramfs for this kernel (built on first use); the name
+    carries the kernel version, so several kernels' archives live side by side."""
     busybox = find_busybox()
-    path = cache_dir() / f"initramfs-{kernel_version}-{base_key(kernel_version, busybox)}.cpio.gz"
+    key = base_key(kernel_version, busybox, modules_dir)
+    path = cache_dir() / f"initramfs-{kernel_version}-{key}.cpio.gz"
     if not path.exists():
-        data = build_base(kernel_version, busybox)
+        data = build_base(kernel_version, busybox, modules_dir)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".initramfs-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -1,5 +1,10 @@
 """Find the guest kernel and, for a faster TCG boot, its uncompressed vmlinux.
 
+The kernel is the newest ``/boot/vmlinuz-*`` with ``/lib/modules/<version>`` (the
+system's), or one from an extracted kernel package (``root``: a folder holding
+``boot/vmlinuz-<version>`` and ``lib/modules/<version>``, e.g. the Debian backports
+kernel fetched by scripts/fetch-kernel-backports.sh).
+
 QEMU boots an uncompressed ELF ``vmlinux`` directly through its PVH ELF note
 (``CONFIG_PVH=y``), skipping the real-mode setup and the in-guest decompression: under
 TCG that saves several seconds per boot.  The vmlinux is extracted once from the
@@ -25,6 +30,8 @@ from vhostfs.guestrun.initramfs import cache_dir
 class Kernel:
     image: pathlib.Path      # the bzImage (/boot/vmlinuz-<version>)
     version: str             # matches /lib/modules/<version>
+    #: the kernel's modules folder; None: the system's /lib/modules/<version>
+    modules_dir: pathlib.Path | None = None
 
 
 def bzimage_version(image: pathlib.Path) -> str:
@@ -36,11 +43,22 @@ def bzimage_version(image: pathlib.Path) -> str:
     return data[ptr:data.index(b"\0", ptr)].decode().split()[0]
 
 
-def find_kernel(image: str | os.PathLike | None = None) -> Kernel:
+def find_kernel(image: str | os.PathLike | None = None,
+                root: str | os.PathLike | None = None) -> Kernel:
+    """The guest kernel: ``image`` (a bzImage), else the newest ``vmlinuz-*`` in
+    ``root``/boot (``root`` given) or /boot.  Its modules are ``root``/lib/modules/<version>
+    when ``root`` is given; for an ``image`` inside an extracted package tree
+    (``.../boot/vmlinuz-*`` with ``.../lib/modules/<version>`` beside it and no
+    /lib/modules/<version> on the system), that tree's; otherwise /lib/modules/<version>."""
+    base = pathlib.Path(root) if root is not None else None
+    if base is not None and not (base / "boot").is_dir():
+        raise FileNotFoundError(f"kernel root {base} has no boot/ folder "
+                                "(run scripts/fetch-kernel-backports.sh)")
     if image is None:
-        cands = sorted(pathlib.Path("/boot").glob("vmlinuz-*"), key=_version_key)
+        boot = base / "boot" if base is not None else pathlib.Path("/boot")
+        cands = sorted(boot.glob("vmlinuz-*"), key=_version_key)
         if not cands:
-            raise FileNotFoundError("no /boot/vmlinuz-* (install the linux-image-amd64 package)")
+            raise FileNotFoundError(f"no {boot}/vmlinuz-* (install the linux-image-amd64 package)")
         path = cands[-1]
     else:
         path = pathlib.Path(image)
@@ -50,7 +68,21 @@ def find_kernel(image: str | os.PathLike | None = None) -> Kernel:
         version = bzimage_version(path)
     except (ValueError, IndexError):
         version = path.name.removeprefix("vmlinuz-")
-    return Kernel(path, version)
+    modules_dir = None
+    if base is not None:
+        modules_dir = _modules_in(base, version)
+        if modules_dir is None:
+            raise FileNotFoundError(f"no {base}/lib/modules/{version} for kernel {path}")
+    elif not (pathlib.Path("/lib/modules") / version).is_dir() and path.parent.name == "boot":
+        modules_dir = _modules_in(path.parent.parent, version)
+    return Kernel(path, version, modules_dir)
+
+
+def _modules_in(base: pathlib.Path, version: str) -> pathlib.Path | None:
+    for sub in ("lib/modules", "usr/lib/modules"):
+        if (base / sub / version).is_dir():
+            return base / sub / version
+    return None
 
 
 def _version_key(path: pathlib.Path) -> list:

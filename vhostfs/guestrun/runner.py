@@ -119,7 +119,8 @@ def _kill_leftovers() -> None:
 
 class GuestRunner:
     def __init__(self, share: str | os.PathLike, *, tag: str = "vhostfs",
-                 kernel: str | None = None, backend: str | list[str] = "vhostfs",
+                 kernel: str | None = None, kernel_root: str | os.PathLike | None = None,
+                 backend: str | list[str] = "vhostfs",
                  memory: str = "1G", smp: int = 2, queue_size: int = 1024,
                  timeout: float = 600.0, boot_timeout: float = 120.0,
                  log_level: str = "info", pvh: bool = True, mount_opts: str = "",
@@ -132,7 +133,9 @@ class GuestRunner:
         self.queue_size, self.timeout, self.boot_timeout = queue_size, timeout, boot_timeout
         self.log_level, self.pvh, self.mount_opts, self.keep = log_level, pvh, mount_opts, keep
         self.echo, self.extra_qemu = echo, list(extra_qemu or [])
-        self.kernel = kernel_mod.find_kernel(kernel)
+        # kernel_root: an extracted kernel package (boot/vmlinuz-*, lib/modules/<version>),
+        # e.g. the Debian backports kernel of scripts/fetch-kernel-backports.sh.
+        self.kernel = kernel_mod.find_kernel(kernel, root=kernel_root)
 
     def session(self) -> "GuestSession":
         return GuestSession(self, mode="session")
@@ -213,7 +216,8 @@ class GuestSession:
 
         kern = str(kernel_mod.cached_vmlinux(self.r.kernel)) if self.r.pvh else str(self.r.kernel.image)
         initrd = initramfs.write_initrd(
-            self.rundir / "initrd.cpio.gz", initramfs.base_initramfs(self.r.kernel.version),
+            self.rundir / "initrd.cpio.gz",
+            initramfs.base_initramfs(self.r.kernel.version, self.r.kernel.modules_dir),
             initramfs.run_archive(nonce=self.nonce, tag=self.r.tag, mode=self.mode,
                                   command=self.command, mount_opts=self.r.mount_opts))
         argv = qemu.build_argv(kernel=kern, initrd=str(initrd), append=APPEND, socket=self.socket,
