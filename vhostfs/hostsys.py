@@ -152,6 +152,18 @@ def setgroups_thread(groups) -> None:
         _fail("setgroups")
 
 
+def set_fscreds(fsuid: int, fsgid: int, groups=None) -> None:
+    """This thread's fsuid, fsgid and (unless None) supplementary groups, in one call
+    (groups first, fsuid last); EPERM if an id did not take."""
+    if groups is None:
+        rc = lib.vhs_set_fscreds(fsuid, fsgid, -1, ffi.NULL)
+    else:
+        rc = lib.vhs_set_fscreds(fsuid, fsgid, len(groups), ffi.new("uint32_t[]", groups or [0]))
+    if rc < 0:
+        raise OSError(-rc, f"setting fsuid {fsuid} fsgid {fsgid} groups {groups}: "
+                           f"{_os.strerror(-rc)}")
+
+
 MAX_HANDLE_SZ = 128
 
 

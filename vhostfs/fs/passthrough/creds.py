@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 
 from vhostfs import hostsys
 
@@ -87,30 +88,28 @@ class Credentials:
 
     def __init__(self, uid: int, gid: int, enabled: bool) -> None:
         self.uid, self.gid, self.enabled = uid, gid, enabled
-        try:
-            import os
+        if enabled and os.getgroups():
+            # The daemon's own supplementary groups would leak into every caller's
+            # checks unless each switch replaced them (a setgroups costs ~2 us of
+            # kernel time each way); a root daemon needs none (its capabilities decide),
+            # and the sandbox drops them anyway.  glibc's setgroups covers every thread.
+            os.setgroups([])
+        self.groups: list[int] = []
 
-            self.groups = os.getgroups()
-        except OSError:
-            self.groups = []
-
-    def enter(self, uid: int, gid: int, supp: list[int]) -> bool:
-        """Become fsuid ``uid``, fsgid ``gid`` with supplementary groups ``gid`` +
-        ``supp`` on this thread; False when nothing had to change (the daemon's own
-        ids and no extra groups: a root daemon serving guest root keeps its
-        capabilities)."""
+    def enter(self, uid: int, gid: int, supp: list[int]) -> int:
+        """Become fsuid ``uid``, fsgid ``gid`` with supplementary groups ``supp`` on
+        this thread.  Returns what ``leave`` must undo: 0 nothing (the daemon's own ids
+        and no groups: a root daemon serving guest root keeps its capabilities), 1 the
+        ids, 2 the ids and the groups."""
         if not self.enabled or (uid == self.uid and gid == self.gid and not supp):
-            return False
-        hostsys.setgroups_thread([gid, *supp])
+            return 0
+        token = 2 if supp else 1
         try:
-            hostsys.setfsgid(gid)
-            hostsys.setfsuid(uid)
+            hostsys.set_fscreds(uid, gid, supp if supp else None)
         except BaseException:
-            self.leave()
+            self.leave(token)
             raise
-        return True
+        return token
 
-    def leave(self) -> None:
-        hostsys.setfsuid(self.uid)
-        hostsys.setfsgid(self.gid)
-        hostsys.setgroups_thread(self.groups)
+    def leave(self, token: int = 2) -> None:
+        hostsys.set_fscreds(self.uid, self.gid, self.groups if token == 2 else None)

@@ -218,13 +218,14 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         supplementary group is left out."""
         uid, gid = self.uidmap.to_host(ctx.uid), self.gidmap.to_host(ctx.gid)
         supp = [*self._host_groups(ctx.groups), *extra]
-        if not self.creds.enter(uid, gid, supp):
+        token = self.creds.enter(uid, gid, supp)
+        if not token:
             yield
             return
         try:
             yield
         finally:
-            self.creds.leave()
+            self.creds.leave(token)
 
     def _host_groups(self, groups) -> list[int]:
         if not groups or self.gidmap.identity:
