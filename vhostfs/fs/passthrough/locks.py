@@ -8,13 +8,46 @@ classic POSIX locks taken on the host.  This is how QEMU's C virtiofsd did it.  
 (each guest close()) drops the owner's description, which releases its locks: POSIX
 says closing any descriptor of a file releases all the process's locks on it.
 
-flock: ``flock(2)`` on the open file of the guest handle (FUSE_LK_FLOCK); released by
-RELEASE with FUSE_RELEASE_FLOCK_UNLOCK (and by the handle's close in any case).
+Beside the kernel's locks we keep a table of what we granted to guest owners: each
+owner's held ranges (``OwnerFile.held``, kept exactly as the kernel keeps an OFD's
+locks: split on change, merged when adjacent) and the queue of SETLKW waiters, in
+arrival order.  The kernel stays the judge of conflicts (host processes take part);
+the table gives the guest what OFD locks lack:
 
-Waiting (SETLKW) never blocks in the kernel: it retries the non-blocking call with a
-growing delay (1 ms .. 20 ms) while polling the request's ``Cancel`` token, so the
-runtime can cancel a waiter (EINTR) and a waiter never holds a lock of ours.  The cost
-is fairness: waiters are not queued in order.  OFD locks never report EDEADLK.
+* EDEADLK (fcntl(2), POSIX: "If a deadlock is detected, EDEADLK"): when a SETLKW
+  arrives and a guest owner holding a conflicting range is itself waiting, directly or
+  through other waiters, for the caller's owner, the request fails with EDEADLK
+  instead of waiting forever.  The wait-for graph has one node per guest lock owner
+  (owner ids are the same on every inode of one mount, so cycles across files are
+  found) and an edge from each waiter's owner to each guest owner holding a range
+  that conflicts with its request.  Host processes are not in the graph: we cannot see
+  what they wait for, so a wait on a host-held lock is never a detected deadlock (and
+  never a false one).  Like Linux (posix_locks_deadlock), detection runs when a
+  request is about to wait; a cycle closed later by a grant to an owner that has a
+  second, already waiting thread is not found.  OFD locks taken by the guest reach us
+  with the same kind of owner id (the open file), so they get detection too, which
+  Linux does not do for its own OFD locks.
+* Fair order: a waiter does not try the lock while an earlier waiter on the same inode
+  whose request conflicts with its own (overlapping, one of them a write, another
+  owner) is still queued, so conflicting waiters are granted in arrival order, while a
+  waiter that conflicts with no earlier one proceeds on its own.  Yielding is skipped
+  when the earlier waiter waits (directly or through others, counting queue order) for
+  this waiter's owner: an upgrade of a lock the earlier waiter is blocked by must not
+  queue behind it, or fairness itself would deadlock.  A non-blocking SETLK does not
+  queue: it is granted whenever no conflicting lock is held, as on Linux.
+
+Waiting never blocks in the kernel: a waiter retries the non-blocking call, sleeping
+between tries on its own wake-up eventfd (written whenever the inode's table changes:
+a grant, an unlock, a FLUSH, a waiter leaving) and on the request's ``Cancel`` token,
+for at most 1 ms .. 20 ms (doubling: a host process's unlock is not signalled).  So the
+runtime can cancel a waiter (EINTR) and a waiter never holds a lock of ours.  One
+``threading.Lock`` guards the table and is held around each non-blocking
+``F_OFD_SETLK`` so the table and the kernel agree; it is never held while sleeping.
+
+flock: ``flock(2)`` on the open file of the guest handle (FUSE_LK_FLOCK); released by
+RELEASE with FUSE_RELEASE_FLOCK_UNLOCK (and by the handle's close in any case).  Linux
+has no deadlock detection for flock (flock(2) lists EWOULDBLOCK and EINTR, not
+EDEADLK), so flock waiters just retry as above, in no particular order.
 """
 from __future__ import annotations
 
@@ -25,7 +58,7 @@ import select
 import struct
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from vhostfs.fs.api import Cancel, FileLock
 from vhostfs.fs.passthrough.inodes import FdOwner
@@ -37,15 +70,20 @@ _flock = struct.Struct("hhqqi4x")
 _CONFLICT = (errno.EAGAIN, errno.EACCES)
 _FIRST_DELAY, _MAX_DELAY = 0.001, 0.02
 
+#: A held range: (start, end, type, guest pid), end inclusive.
+Range = tuple[int, int, int, int]
+
 
 class OwnerFile(FdOwner):
-    """One lock owner's open file description on one inode (closed with the object)."""
+    """One lock owner's open file description on one inode (closed with the object) and
+    the ranges it holds there, as the kernel holds them."""
 
-    __slots__ = ("pid",)
+    __slots__ = ("pid", "held")
 
     def __init__(self, fd: int, pid: int) -> None:
         self.fd = fd
-        self.pid = pid  # the guest pid that last locked through it (for GETLK)
+        self.pid = pid  # the guest pid that last locked through it
+        self.held: list[Range] = []
 
 
 def pack_flock(lock: FileLock) -> bytes:
@@ -61,24 +99,75 @@ def unpack_flock(data: bytes, asked: FileLock) -> FileLock:
     return FileLock(start, end, typ, 0)
 
 
-def wait_until(attempt: Callable[[], bool], cancel: Cancel | None) -> None:
-    """Call ``attempt`` until it returns True; between tries sleep (1..20 ms, doubling)
-    on the cancel token; EINTR once it is set."""
+def conflicts(a_start: int, a_end: int, a_type: int, b_start: int, b_end: int,
+              b_type: int) -> bool:
+    """Two locks of different owners conflict when they overlap and one is a write lock."""
+    return (a_start <= b_end and b_start <= a_end
+            and fcntl.F_WRLCK in (a_type, b_type))
+
+
+def apply_range(held: list[Range], lock: FileLock) -> list[Range]:
+    """An owner's ranges after it sets ``lock`` (F_UNLCK too): POSIX replaces the owner's
+    own locks on the bytes it names; like the kernel, adjacent same-type ranges merge."""
+    out: list[Range] = []
+    for s, e, t, p in held:
+        if e < lock.start or s > lock.end:
+            out.append((s, e, t, p))
+            continue
+        if s < lock.start:
+            out.append((s, lock.start - 1, t, p))
+        if e > lock.end:
+            out.append((lock.end + 1, e, t, p))
+    if lock.type != fcntl.F_UNLCK:
+        out.append((lock.start, lock.end, lock.type, lock.pid))
+    out.sort()
+    merged: list[Range] = []
+    for r in out:
+        if merged and merged[-1][2] == r[2] and merged[-1][1] + 1 >= r[0]:
+            s, e, t, p = merged[-1]
+            merged[-1] = (s, max(e, r[1]), t, lock.pid if lock.type == t else p)
+        else:
+            merged.append(r)
+    return merged
+
+
+def _sleep(cancel: Cancel | None, wake_fd: int | None, delay: float) -> bool:
+    """Sleep up to ``delay`` s on the cancel token and the wake-up fd; EINTR once the
+    token is set.  True when woken by ``wake_fd`` (drained)."""
+    if cancel is not None and cancel.is_set():
+        raise OSError(errno.EINTR, "lock wait cancelled")
+    if cancel is None and wake_fd is None:
+        time.sleep(delay)
+        return False
+    # poll, not select: the fds may be >= FD_SETSIZE (a guest holding 1024 inodes holds
+    # 1024 fds; select() then raises ValueError)
+    waiter = select.poll()
+    if cancel is not None:
+        waiter.register(cancel.fileno(), select.POLLIN)
+    if wake_fd is not None:
+        waiter.register(wake_fd, select.POLLIN)
+    ready = waiter.poll(delay * 1000)
+    if cancel is not None and cancel.is_set():
+        raise OSError(errno.EINTR, "lock wait cancelled")
+    if wake_fd is not None and any(fd == wake_fd for fd, _ev in ready):
+        try:
+            os.eventfd_read(wake_fd)
+        except BlockingIOError:
+            pass
+        return True
+    return False
+
+
+def wait_until(attempt: Callable[[], bool], cancel: Cancel | None,
+               wake_fd: int | None = None) -> None:
+    """Call ``attempt`` until it returns True; between tries sleep (1..20 ms, doubling;
+    a wake-up on ``wake_fd`` retries at once) on the cancel token; EINTR once it is set."""
     delay = _FIRST_DELAY
     while not attempt():
-        if cancel is None:
-            time.sleep(delay)
+        if _sleep(cancel, wake_fd, delay):
+            delay = _FIRST_DELAY
         else:
-            if cancel.is_set():
-                raise OSError(errno.EINTR, "lock wait cancelled")
-            # poll, not select: the token's fd may be >= FD_SETSIZE (a guest holding
-            # 1024 inodes holds 1024 fds; select() then raises ValueError)
-            waiter = select.poll()
-            waiter.register(cancel.fileno(), select.POLLIN)
-            waiter.poll(delay * 1000)
-            if cancel.is_set():
-                raise OSError(errno.EINTR, "lock wait cancelled")
-        delay = min(delay * 2, _MAX_DELAY)
+            delay = min(delay * 2, _MAX_DELAY)
 
 
 def _try(fn: Callable[[], object]) -> bool:
@@ -91,12 +180,92 @@ def _try(fn: Callable[[], object]) -> bool:
     return True
 
 
+class _Waiter:
+    """One queued SETLKW: its request and the eventfd that wakes it."""
+
+    __slots__ = ("inode", "owner", "lock", "wake")
+
+    def __init__(self, inode, owner: int, lock: FileLock) -> None:
+        self.inode = inode
+        self.owner = owner
+        self.lock = lock
+        self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def close(self) -> None:
+        fd, self.wake = self.wake, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def conflicts_with(self, other: "_Waiter") -> bool:
+        a, b = self.lock, other.lock
+        return (self.inode is other.inode and self.owner != other.owner
+                and conflicts(a.start, a.end, a.type, b.start, b.end, b.type))
+
+
 class PosixLocks:
-    """The (inode, owner) -> OwnerFile table; an inode's owners live in ``inode.plocks``."""
+    """The (inode, owner) -> OwnerFile table (an inode's owners live in ``inode.plocks``)
+    and the SETLKW queue; ``_lock`` guards both."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._waiters: list[_Waiter] = []   # arrival order, every inode
 
+    # --- the table (all with self._lock held) ----------------------------------------
+    @staticmethod
+    def _holders(inode, owner: int, lock: FileLock) -> set[int]:
+        """The guest owners other than ``owner`` holding a range that conflicts with
+        ``lock`` on ``inode`` (host processes are not seen here)."""
+        out = set()
+        for o, of in (inode.plocks or {}).items():
+            if o != owner and any(conflicts(s, e, t, lock.start, lock.end, lock.type)
+                                  for s, e, t, _p in of.held):
+                out.add(o)
+        return out
+
+    def _graph(self, queue_order: bool) -> dict[int, set[int]]:
+        """owner -> owners it waits for: the holders blocking each of its waiters, and
+        with ``queue_order`` also the earlier conflicting waiters it may yield to."""
+        graph: dict[int, set[int]] = {}
+        for i, w in enumerate(self._waiters):
+            succ = graph.setdefault(w.owner, set())
+            succ |= self._holders(w.inode, w.owner, w.lock)
+            if queue_order:
+                succ.update(e.owner for e in self._waiters[:i] if w.conflicts_with(e))
+        return graph
+
+    @staticmethod
+    def _reaches(graph: dict[int, set[int]], start: Iterable[int], target: int) -> bool:
+        seen: set[int] = set()
+        todo = list(start)
+        while todo:
+            o = todo.pop()
+            if o == target:
+                return True
+            if o not in seen:
+                seen.add(o)
+                todo.extend(graph.get(o, ()))
+        return False
+
+    def _must_yield(self, w: _Waiter) -> bool:
+        """Fair order: is there an earlier queued waiter whose request conflicts with
+        ``w``'s and that does not itself wait (through anything) for ``w``'s owner?"""
+        earlier = []
+        for e in self._waiters:
+            if e is w:
+                break
+            if w.conflicts_with(e):
+                earlier.append(e)
+        if not earlier:
+            return False
+        graph = self._graph(queue_order=True)
+        return any(not self._reaches(graph, (e.owner,), w.owner) for e in earlier)
+
+    def _wake(self, inode) -> None:
+        for w in self._waiters:
+            if w.inode is inode and w.wake >= 0:
+                os.eventfd_write(w.wake, 1)
+
+    # --- opening owner files ---------------------------------------------------------
     @staticmethod
     def _open(inode, fallback_accmode: int) -> int:
         path = inode.proc_path
@@ -111,19 +280,6 @@ class PosixLocks:
         with self._lock:
             return inode.plocks.get(owner) if inode.plocks else None
 
-    def _owner_or_open(self, inode, owner: int, accmode: int, pid: int) -> OwnerFile:
-        of = self._owner(inode, owner)
-        if of is not None:
-            of.pid = pid
-            return of
-        new = OwnerFile(self._open(inode, accmode), pid)
-        with self._lock:
-            if inode.plocks is None:
-                inode.plocks = {}
-            of = inode.plocks.setdefault(owner, new)
-        of.pid = pid
-        return of  # a racing twin is closed when ``new`` is dropped
-
     def getlk(self, inode, owner: int, lock: FileLock, handle_fd: int | None) -> FileLock:
         of = self._owner(inode, owner)
         tmp = None
@@ -136,56 +292,105 @@ class PosixLocks:
             fd = tmp.fd
         out = unpack_flock(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, pack_flock(lock)), lock)
         if out.type != fcntl.F_UNLCK:
-            out.pid = self._holder_pid(inode, owner, lock)
+            out.pid = self._holder_pid(inode, owner, lock, out)
         return out
 
-    def _holder_pid(self, inode, asker: int, lock: FileLock) -> int:
-        """The guest pid of the owner whose lock conflicts: an owner holds it when the same
-        test through its own description (which ignores its own locks) finds no conflict.
-        0 when the holder is not a guest owner (e.g. a host process)."""
+    def _holder_pid(self, inode, asker: int, lock: FileLock, found: FileLock) -> int:
+        """The guest pid of the owner holding the conflicting lock the kernel reported:
+        the owner whose range is exactly it, else one whose conflicting range overlaps
+        it; 0 when no guest owner holds it (e.g. a host process)."""
+        fallback = 0
         with self._lock:
-            others = [(o, f) for o, f in (inode.plocks or {}).items() if o != asker][:64]
-        for _o, of in others:
-            res = fcntl.fcntl(of.fd, fcntl.F_OFD_GETLK, pack_flock(lock))
-            if _flock.unpack(res)[0] == fcntl.F_UNLCK:
-                return of.pid
-        return 0
+            for o, of in (inode.plocks or {}).items():
+                if o == asker:
+                    continue
+                for s, e, t, p in of.held:
+                    if (s, e, t) == (found.start, found.end, found.type):
+                        return p
+                    if (not fallback and t == found.type
+                            and conflicts(s, e, t, lock.start, lock.end, lock.type)
+                            and s <= found.end and found.start <= e):
+                        fallback = p
+        return fallback
+
+    # --- setting ---------------------------------------------------------------------
+    def _attempt(self, inode, owner: int, lock: FileLock, accmode: int,
+                 waiter: _Waiter | None) -> bool:
+        """One non-blocking try, table and kernel together; False on a conflict (or
+        while ``waiter`` must let an earlier one go first)."""
+        arg = pack_flock(lock)
+        spare: OwnerFile | None = None
+        while True:
+            with self._lock:
+                if waiter is not None and self._must_yield(waiter):
+                    return False
+                of = inode.plocks.get(owner) if inode.plocks else None
+                if of is None and spare is not None:
+                    if inode.plocks is None:
+                        inode.plocks = {}
+                    of = inode.plocks[owner] = spare
+                if of is not None:
+                    if not _try(lambda: fcntl.fcntl(of.fd, fcntl.F_OFD_SETLK, arg)):
+                        return False
+                    of.held = apply_range(of.held, lock)
+                    of.pid = lock.pid
+                    if waiter is not None:
+                        self._waiters.remove(waiter)
+                    self._wake(inode)
+                    return True
+            # first lock of this owner here: open outside the table lock, then retry
+            # (a racing twin's file is dropped, and closed, with ``spare``)
+            spare = OwnerFile(self._open(inode, accmode), lock.pid)
 
     def setlk(self, inode, owner: int, lock: FileLock, accmode: int, sleep: bool,
               cancel: Cancel | None) -> None:
         if lock.type == fcntl.F_UNLCK:
-            of = self._owner(inode, owner)
-            if of is not None:
-                fcntl.fcntl(of.fd, fcntl.F_OFD_SETLK, pack_flock(lock))
-            return
-        arg = pack_flock(lock)
-        while True:
-            of = self._owner_or_open(inode, owner, accmode, lock.pid)
-            attempt = lambda: _try(lambda: fcntl.fcntl(of.fd, fcntl.F_OFD_SETLK, arg))
-            if sleep:
-                wait_until(attempt, cancel)
-            elif not attempt():
-                raise OSError(errno.EAGAIN, "lock held by another owner")
             with self._lock:
-                if inode.plocks is None:
-                    inode.plocks = {}
-                current = inode.plocks.setdefault(owner, of)
-            if current is of:
-                return
-            # A FLUSH dropped the description while we waited and the owner has a new
-            # one: move the lock there.
-            fcntl.fcntl(of.fd, fcntl.F_OFD_SETLK, pack_flock(FileLock(0, OFFSET_MAX, fcntl.F_UNLCK, 0)))
+                of = inode.plocks.get(owner) if inode.plocks else None
+                if of is not None:
+                    fcntl.fcntl(of.fd, fcntl.F_OFD_SETLK, pack_flock(lock))
+                    of.held = apply_range(of.held, lock)
+                    self._wake(inode)
+            return
+        if not sleep:
+            if not self._attempt(inode, owner, lock, accmode, None):
+                raise OSError(errno.EAGAIN, "lock held by another owner")
+            return
+        with self._lock:
+            holders = self._holders(inode, owner, lock)
+            if holders and self._reaches(self._graph(queue_order=False), holders, owner):
+                raise OSError(errno.EDEADLK, "waiting would deadlock")
+            waiter = _Waiter(inode, owner, lock)
+            self._waiters.append(waiter)
+        try:
+            wait_until(lambda: self._attempt(inode, owner, lock, accmode, waiter), cancel,
+                       waiter.wake)
+        finally:
+            with self._lock:
+                if waiter in self._waiters:      # cancelled or failed: let the next go
+                    self._waiters.remove(waiter)
+                    self._wake(inode)
+                waiter.close()
 
     def release_owner(self, inode, owner: int) -> None:
         """FLUSH: release every lock ``owner`` holds on ``inode`` (close its description)."""
         with self._lock:
             of = inode.plocks.pop(owner, None) if inode.plocks else None
-        if of is not None:
+            if of is None:
+                return
+            of.held = []
             try:
                 fcntl.fcntl(of.fd, fcntl.F_OFD_SETLK,
                             pack_flock(FileLock(0, OFFSET_MAX, fcntl.F_UNLCK, 0)))
             finally:
-                del of
+                self._wake(inode)
+        del of
+
+    def queued(self, inode=None) -> list[tuple[int, FileLock]]:
+        """The SETLKW waiters in arrival order, as (owner, lock) (for tests and logs)."""
+        with self._lock:
+            return [(w.owner, w.lock) for w in self._waiters
+                    if inode is None or w.inode is inode]
 
 
 def flock(fd: int, lock: FileLock, sleep: bool, cancel: Cancel | None) -> None:
