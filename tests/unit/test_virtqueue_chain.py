@@ -223,8 +223,11 @@ class _RewritingMemory:
 
 
 def test_each_descriptor_is_read_once(drv, mem):
+    """The Python reference walk (the C walk copies each descriptor into locals with one
+    volatile read; its hook cannot interleave with Python)."""
     rewriting = _RewritingMemory(mem, drv)
     q = drv.device_queue(memory=rewriting)
+    q._walker = None
     drv.add_chain([b"abc", b"def"], [8])
     chain = q.pop()
     assert rewriting.rewritten == 3

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from vhostfs import hostsys
 from vhostfs.errors import QueueBroken, VirtqueueError
-from vhostfs.virtqueue.chain import DescriptorChain, walk_chain
+from vhostfs.virtqueue.chain import DescriptorChain, make_walker, walk_chain
 from vhostfs.virtqueue.layout import (
     AVAIL_ALIGN, AVAIL_F_NO_INTERRUPT, AVAIL_IDX_OFFSET, AVAIL_RING_OFFSET, DESC_ALIGN, DESC_SIZE,
     MAX_QUEUE_SIZE, U16, USED_ALIGN, USED_ELEM, USED_ELEM_SIZE, USED_F_NO_NOTIFY, USED_IDX_OFFSET,
@@ -86,6 +86,7 @@ class SplitQueue:
         self._mask = size - 1
         self._used_event_offset = AVAIL_RING_OFFSET + 2 * size
         self._memory = None
+        self._walker = None     # the C chain walk (chain.ChainWalker); None: walk_chain
         self._desc = None
         self._avail = None
         self._used = None
@@ -135,6 +136,7 @@ class SplitQueue:
             raise QueueBroken(f"queue {self.index}: ring not aligned in host memory")
         self._memory = memory
         self._desc = desc
+        self._walker = make_walker(memory, desc, memory.host_address(desc_gpa, desc_len), self.size)
         self._avail = avail
         self._used = used
         self._avail_idx_addr = avail_host + AVAIL_IDX_OFFSET
@@ -177,6 +179,9 @@ class SplitQueue:
             raise QueueBroken(f"queue {self.index}: avail ring slot {last} holds head {head} "
                               f">= queue size {self.size}")
         self.last_avail_idx = (last + 1) & 0xFFFF
+        walker = self._walker
+        if walker is not None:
+            return walker.walk(head)
         return walk_chain(self._memory, self._desc, self.size, head)
 
     def add_used(self, head: int, written: int) -> None:
