@@ -24,6 +24,15 @@ class FakeChain:
         self.readable: list[memoryview] = [memoryview(head.to_bytes(4, "little"))]
         self.writable: list[memoryview] = [memoryview(bytearray(8))]
 
+    # What DescriptorChain carries: the walk's sums of the view lengths.
+    @property
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
 
 class FakeQueue:
     """A ring whose avail side is a Python list; thread-safety comes from the runner's lock."""
@@ -47,6 +56,9 @@ class FakeQueue:
         if isinstance(item, Exception):
             raise item
         return item
+
+    def has_available(self) -> bool:
+        return bool(self.pending)
 
     def add_used(self, head: int, written: int) -> None:
         self.used.append((head, written))

@@ -119,12 +119,19 @@ class FuseServer(ExtendedOps):
         """None if the request in ``reader`` is served promptly; if it may wait
         indefinitely (fuse/blocking.py: SETLKW, FIFO I/O, fsync), the ``unique`` a
         FUSE_INTERRUPT for it would name.  The runtime then serves it on a dedicated
-        thread with a cancel token.  Reads the header from ``reader``."""
+        thread with a cancel token, and may serve a prompt one inline on its queue
+        thread.
+
+        Decodes the header once and keeps the copy in ``reader.decoded``; ``handle``
+        serves the request from that same copy (the cursor does not move; the handler
+        skips the header bytes).  A guest that rewrites its header after this
+        call therefore cannot turn a request routed as prompt (inline, or onto a pool
+        thread) into a SETLKW or fsync (architecture.md: guest values are read once)."""
         if reader.remaining < _HDR:
             return None
-        _len, opcode, unique, nodeid, *_ = reader.unpack(_in_header)
+        hdr = reader.decoded = reader.peek(_in_header)
         node_type = getattr(self.fs, "node_type", None)
-        return unique if blocking.may_block(opcode, nodeid, node_type) else None
+        return hdr[2] if blocking.may_block(hdr[1], hdr[3], node_type) else None
 
     def handle(self, reader, writer, cancel=None) -> int:
         """Serve one request; returns the bytes written to ``writer`` (0: no reply).
@@ -139,7 +146,12 @@ class FuseServer(ExtendedOps):
         avail = reader.remaining
         if avail < _HDR:
             raise FuseProtocolError(f"request of {avail} bytes is shorter than fuse_in_header")
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _pad = reader.unpack(_in_header)
+        hdr = getattr(reader, "decoded", None)
+        if hdr is None:
+            hdr = reader.unpack(_in_header)
+        else:   # may_block's copy of this reader's header (read once, see may_block)
+            reader.skip(_HDR)
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _pad = hdr
         t0 = perf_counter_ns()
         err = errno.EIO   # for the metrics: 0 once the handler returned, its errno if it raised
         try:

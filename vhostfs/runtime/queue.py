@@ -210,20 +210,25 @@ class QueueRunner:
         return True
 
     def _dispatch(self, chain) -> None:
+        # One Reader per request, over the views the walk already checked and summed;
+        # may_block may keep what it decoded in reader.decoded for the handler (the
+        # FUSE server keeps the in-header: decoded once, served from the same copy).
+        reader = Reader(chain.readable, chain.readable_len)
         key = None
         if self.may_block is not None:
             try:
-                key = self.may_block(Reader(chain.readable))
+                key = self.may_block(reader)
             except Exception:   # the handler will meet the same problem and answer it
                 key = None
+            reader.rewind()
         if key is not None:
-            self._start_dedicated(chain, key)
+            self._start_dedicated(chain, reader, key)
         elif self.pool is not None:
-            self.pool.submit((chain, None, None))
+            self.pool.submit((chain, reader, None, None))
         else:
-            self._serve((chain, None, None))
+            self._serve((chain, reader, None, None))
 
-    def _start_dedicated(self, chain, key: int) -> None:
+    def _start_dedicated(self, chain, reader, key: int) -> None:
         token = CancelToken()
         with self.lock:
             over = len(self._dedicated) >= self.max_dedicated
@@ -237,22 +242,22 @@ class QueueRunner:
         elif self.stopping:
             token.set()
         try:
-            threading.Thread(target=self._serve, args=((chain, token, key),),
+            threading.Thread(target=self._serve, args=((chain, reader, token, key),),
                              name=f"vq{self.index}-blocking", daemon=True).start()
             return
         except RuntimeError as exc:   # no thread left: answer now, without waiting
             log.error("cannot start a thread for a blocking request; it is not allowed to wait",
                       queue=self.index, error=str(exc))
         token.set()
-        self._serve((chain, token, key))
+        self._serve((chain, reader, token, key))
 
     # -- workers ------------------------------------------------------------------------
 
     def _serve(self, item) -> None:
-        chain, token, key = item
+        chain, reader, token, key = item
         written = 0
         try:
-            reader, writer = Reader(chain.readable), Writer(chain.writable)
+            writer = Writer(chain.writable, chain.writable_len)
             if token is not None and self._cancellable:
                 written = self.handler(reader, writer, cancel=token)
             else:

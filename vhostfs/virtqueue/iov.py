@@ -114,16 +114,38 @@ def _transfer(op, fd: int, iovs: list[memoryview], offset: int) -> int:
 
 
 class Reader:
-    """Sequential reads from the device-readable part of a chain."""
+    """Sequential reads from the device-readable part of a chain.
 
-    __slots__ = ("_views", "_i", "_off", "remaining")
+    ``Reader(views)`` accepts any buffers.  ``Reader(chain.readable, chain.readable_len)``
+    trusts what the chain walk guarantees (non-empty flat byte views, summing to the
+    length it gives) and skips re-checking and re-summing them: the runtime builds one
+    Reader per request that way (docs/performance.md §5).
 
-    def __init__(self, views) -> None:
-        self._views = _byte_views(views)
+    ``decoded`` is free for the layer above to keep what it decoded from the start of
+    the request while classifying it (the FUSE server keeps the in-header there, so the
+    handler uses the same copy the runtime's routing decision was made on), and
+    ``rewind()`` puts the cursor back at the start for the handler.
+    """
+
+    __slots__ = ("_views", "_i", "_off", "remaining", "_total", "decoded")
+
+    def __init__(self, views, nbytes: int | None = None) -> None:
+        if nbytes is None:
+            views = _byte_views(views)
+            nbytes = sum(len(v) for v in views)
+        self._views = views
         self._i = 0
         self._off = 0
         #: bytes left to read
-        self.remaining = sum(len(v) for v in self._views)
+        self.remaining = nbytes
+        self._total = nbytes
+        self.decoded = None
+
+    def rewind(self) -> None:
+        """Back to the first byte (``decoded`` is kept)."""
+        self._i = 0
+        self._off = 0
+        self.remaining = self._total
 
     def _short(self, what: str, n: int) -> GuestBufferTooSmall:
         return GuestBufferTooSmall(what, n, self.remaining)
@@ -178,6 +200,19 @@ class Reader:
             return st.unpack_from(cur, off)
         return st.unpack(self.read(n))
 
+    def peek(self, st) -> tuple:
+        """Unpack a ``struct.Struct`` from the next ``st.size`` bytes; the cursor stays."""
+        n = st.size
+        if n > self.remaining:
+            raise self._short(f"peek {n}-byte struct", n)
+        if not n:
+            return st.unpack(b"")
+        cur = self._views[self._i]
+        off = self._off
+        if off + n <= len(cur):
+            return st.unpack_from(cur, off)
+        return st.unpack(b"".join(_slices(self._views, self._i, off, n)))
+
     def skip(self, n: int) -> None:
         """Move the cursor ``n`` bytes forward."""
         if n < 0:
@@ -217,12 +252,16 @@ class Writer:
 
     __slots__ = ("_views", "_i", "_off", "capacity", "written")
 
-    def __init__(self, views) -> None:
-        self._views = _byte_views(views)
+    def __init__(self, views, nbytes: int | None = None) -> None:
+        # nbytes given: trusted chain views, as for Reader.
+        if nbytes is None:
+            views = _byte_views(views)
+            nbytes = sum(len(v) for v in views)
+        self._views = views
         self._i = 0
         self._off = 0
         #: total bytes the guest offered
-        self.capacity = sum(len(v) for v in self._views)
+        self.capacity = nbytes
         #: bytes written so far (the used length to report)
         self.written = 0
 
