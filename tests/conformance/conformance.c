@@ -870,6 +870,86 @@ static int t_fcntl_locks(void)
     return 0;
 }
 
+/* POSIX fcntl(2): "If a deadlock is detected, EDEADLK".  Two processes: A holds [0,10),
+ * B holds [10,20); A asks for B's range with F_SETLKW, then (0.5 s later) B asks for A's.
+ * B's request closes the cycle and must fail with EDEADLK (A's, should the TCG guest
+ * deliver it late); that side backs off (unlocks its range) and the other side must then
+ * be granted.  After 30 s the driver reports a hang: neither a signal nor SIGKILL ends a
+ * SETLKW the guest has sent (virtio-fs sends no FUSE_INTERRUPT and a sent request is
+ * waited out), so the stuck processes are killed but not waited for. */
+static int deadlock_side(const char *p, off_t mine, off_t theirs, int up, int down)
+{
+    int fd = open(p, O_RDWR);
+    if (fd < 0)
+        return 10;
+    struct flock m = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = mine, .l_len = 10};
+    if (fcntl(fd, F_SETLK, &m) < 0)
+        return 11;
+    char go;
+    if (write(up, "h", 1) != 1 || read(down, &go, 1) != 1)
+        return 12;
+    struct flock w = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = theirs, .l_len = 10};
+    if (fcntl(fd, F_SETLKW, &w) == 0)
+        return 0;                                /* granted (exit releases it) */
+    if (errno != EDEADLK)
+        return 2;
+    m.l_type = F_UNLCK;                          /* back off: the other side goes on */
+    return fcntl(fd, F_SETLK, &m) == 0 ? 1 : 3;
+}
+
+static int t_fcntl_deadlock(void)
+{
+    char a[4096];
+    SYS(mkdir_test("fcntl_deadlock", 0755));
+    path(a, "fcntl_deadlock", "f");
+    SYS(put_file(a, "01234567890123456789", 0666));
+    int up[2], down[2][2];
+    SYS(pipe(up));
+    SYS(pipe(down[0]));
+    SYS(pipe(down[1]));
+    pid_t pid[2];
+    for (int i = 0; i < 2; i++) {
+        pid[i] = fork();
+        SYS(pid[i]);
+        if (pid[i] == 0)
+            _exit(deadlock_side(a, i ? 10 : 0, i ? 0 : 10, up[1], down[i][0]));
+    }
+    close(up[1]);                                /* a child's early exit ends the wait */
+    char h[2];
+    struct pollfd pf = {.fd = up[0], .events = POLLIN};
+    int ready = poll(&pf, 1, 30000) == 1 && read(up[0], h, 1) == 1
+             && poll(&pf, 1, 30000) == 1 && read(up[0], h + 1, 1) == 1;
+    if (ready && write(down[0][1], "g", 1) == 1) {
+        usleep(500000);                          /* A is waiting by now */
+        ready = write(down[1][1], "g", 1) == 1;
+    }
+    int rc[2] = {-1, -1}, left = 2;
+    double deadline = now() + 30;
+    while (left && now() < deadline) {
+        for (int i = 0; i < 2; i++) {
+            int st;
+            if (rc[i] == -1 && waitpid(pid[i], &st, WNOHANG) == pid[i]) {
+                rc[i] = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+                left--;
+            }
+        }
+        usleep(20000);
+    }
+    for (int i = 0; i < 2; i++)
+        if (rc[i] == -1)
+            kill(pid[i], SIGKILL);   /* not reaped: a sent FUSE request is waited out */
+    close(up[0]);
+    for (int i = 0; i < 2; i++) {
+        close(down[i][0]);
+        close(down[i][1]);
+    }
+    CHECK(ready, "the two processes did not take their first locks (exit %d, %d)", rc[0], rc[1]);
+    CHECK((rc[0] == 0 && rc[1] == 1) || (rc[0] == 1 && rc[1] == 0),
+          "A exit %d, B exit %d (0 granted, 1 EDEADLK, 2 other error, 3 unlock failed, "
+          "-1 still waiting after 30 s, 10 open, 11 first lock, 12 pipe)", rc[0], rc[1]);
+    return 0;
+}
+
 /* Holds a POSIX write lock on [0,10) and a flock until killed (host checks them). */
 static int hold_locks(const char *p)
 {
@@ -1252,6 +1332,7 @@ static const struct test TESTS[] = {
     {"posix_acl", t_posix_acl},
     {"flock", t_flock},
     {"fcntl_locks", t_fcntl_locks},
+    {"fcntl_deadlock", t_fcntl_deadlock},
     {"mmap_shared", t_mmap_shared},
     {"append_two_writers", t_append_two_writers},
     {"readdir_10000", t_readdir_10000},
