@@ -8,7 +8,19 @@ chain and routes it:
   registered under that key, so a waiter never occupies a pool thread that the request
   releasing it needs (N+2 SETLKW waiters with a pool of N still let the unlock through);
 * anything else goes to the queue's worker pool, or is served inline on the queue
-  thread when the pool size is 0.
+  thread when the pool size is 0;
+* except that a prompt request is served inline on the queue thread, saving the pool
+  handoff (two futex wake-ups and context switches, 12-21 µs of CPU at depth 1, see
+  docs/performance.md §3), when all of these hold: no pool request is in flight (the
+  pool is idle), the ring holds no other available chain (nothing is waiting behind
+  it), and the chain carries at most ``INLINE_MAX_BYTES`` (a 1 MiB READ/WRITE would
+  keep the queue thread from popping for the length of its copy; the handoff is
+  noise next to it).  Requests that may block never run inline: the classification
+  is made on the header copy the handler then serves (``FuseServer.may_block``), so
+  a guest cannot rewrite a prompt request into a waiting one in between.  A request
+  that arrives while one is served inline waits in the ring for at most that one
+  request's service time, and is then popped and (no longer alone) handed to the pool
+  if more follow.
 
 Replies complete in any order.  ``add_used``, the notification decision (EVENT_IDX or
 NO_INTERRUPT) and the call eventfd write all run under the queue lock, so the used ring
@@ -50,6 +62,9 @@ MayBlock = Callable[[Reader], "int | None"]
 #: Blocking requests in flight per queue before new ones are served on the pool with
 #: an already-cancelled token (they then fail with EINTR instead of waiting).
 MAX_DEDICATED = 1024
+
+#: Largest chain (readable + writable bytes) served inline on the queue thread.
+INLINE_MAX_BYTES = 128 * 1024
 
 
 def _accepts_cancel(handler) -> bool:
@@ -116,6 +131,8 @@ class QueueRunner:
         self.broken = False
         self.stopping = False
         self._inflight = 0
+        self._pooled = 0          # requests handed to the pool and not finished yet
+        self.served_inline = 0    # requests served inline on the queue thread (a statistic)
         self._dedicated: set[CancelToken] = set()
         self._idle = threading.Condition(self.lock)
         self.thread = threading.Thread(target=self._run, name=f"vq{index}", daemon=True)
@@ -206,10 +223,24 @@ class QueueRunner:
             if chain is None:
                 return False
             self._inflight += 1
-        self._dispatch(chain)
+            inline = self.pool is None
+            if not inline:
+                inline = (self._pooled == 0
+                          and chain.readable_len + chain.writable_len <= INLINE_MAX_BYTES
+                          and not self._available_locked())
+                if not inline:
+                    self._pooled += 1     # provisionally; _start_dedicated takes it back
+        self._dispatch(chain, inline)
         return True
 
-    def _dispatch(self, chain) -> None:
+    def _available_locked(self) -> bool:
+        """Whether another chain waits in the ring (True when that cannot be told)."""
+        try:
+            return self.queue.has_available()
+        except (QueueBroken, GuestMemoryError):
+            return True
+
+    def _dispatch(self, chain, inline: bool) -> None:
         # One Reader per request, over the views the walk already checked and summed;
         # may_block may keep what it decoded in reader.decoded for the handler (the
         # FUSE server keeps the in-header: decoded once, served from the same copy).
@@ -222,15 +253,19 @@ class QueueRunner:
                 key = None
             reader.rewind()
         if key is not None:
-            self._start_dedicated(chain, reader, key)
-        elif self.pool is not None:
-            self.pool.submit((chain, reader, None, None))
+            self._start_dedicated(chain, reader, key, pooled=not inline)
+        elif inline:
+            if self.pool is not None:
+                self.served_inline += 1
+            self._serve((chain, reader, None, None, False))
         else:
-            self._serve((chain, reader, None, None))
+            self.pool.submit((chain, reader, None, None, True))
 
-    def _start_dedicated(self, chain, reader, key: int) -> None:
+    def _start_dedicated(self, chain, reader, key: int, *, pooled: bool) -> None:
         token = CancelToken()
         with self.lock:
+            if pooled:
+                self._pooled -= 1
             over = len(self._dedicated) >= self.max_dedicated
             self._dedicated.add(token)
         if self.interrupts is not None:
@@ -242,19 +277,19 @@ class QueueRunner:
         elif self.stopping:
             token.set()
         try:
-            threading.Thread(target=self._serve, args=((chain, reader, token, key),),
+            threading.Thread(target=self._serve, args=((chain, reader, token, key, False),),
                              name=f"vq{self.index}-blocking", daemon=True).start()
             return
         except RuntimeError as exc:   # no thread left: answer now, without waiting
             log.error("cannot start a thread for a blocking request; it is not allowed to wait",
                       queue=self.index, error=str(exc))
         token.set()
-        self._serve((chain, reader, token, key))
+        self._serve((chain, reader, token, key, False))
 
     # -- workers ------------------------------------------------------------------------
 
     def _serve(self, item) -> None:
-        chain, reader, token, key = item
+        chain, reader, token, key, pooled = item
         written = 0
         try:
             writer = Writer(chain.writable, chain.writable_len)
@@ -272,9 +307,10 @@ class QueueRunner:
             if token is not None:
                 if self.interrupts is not None:
                     self.interrupts.unregister(key, token)
-            self._finish(chain.head, written, token)
+            self._finish(chain.head, written, token, pooled)
 
-    def _finish(self, head: int, written: int, token: CancelToken | None) -> None:
+    def _finish(self, head: int, written: int, token: CancelToken | None,
+                pooled: bool = False) -> None:
         if token is not None:
             # Closed before the request counts as finished: once stop() returns, no fd
             # of this queue's requests is still open (or about to be closed).
@@ -282,6 +318,8 @@ class QueueRunner:
         with self.lock:
             self._complete_locked(head, written)
             self._inflight -= 1
+            if pooled:
+                self._pooled -= 1
             if token is not None:
                 self._dedicated.discard(token)
             if self._inflight == 0:

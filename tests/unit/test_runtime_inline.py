@@ -1,0 +1,135 @@
+"""QueueRunner: prompt requests served inline on the queue thread when the pool is idle
+and nothing waits behind them; everything else on the pool or a dedicated thread."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from tests.unit.test_runtime_queue import FakeChain, FakeQueue, kick, wait_for
+from vhostfs.runtime import queue as rq
+from vhostfs.runtime.queue import QueueRunner
+
+
+@pytest.fixture
+def fds():
+    kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    yield kick_fd, call_fd
+    os.close(kick_fd)
+    os.close(call_fd)
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0, blocking=()) -> None:
+        self.delay = delay
+        self.blocking = set(blocking)
+        self.threads: dict[int, str] = {}
+        self.lock = threading.Lock()
+
+    def may_block(self, reader):
+        i = int.from_bytes(reader.read(4), "little")   # consumes: the runtime rewinds
+        return i if i in self.blocking else None
+
+    def handle(self, reader, writer, cancel=None) -> int:
+        i = int.from_bytes(reader.read(4), "little")
+        with self.lock:
+            self.threads[i] = threading.current_thread().name
+        if self.delay:
+            time.sleep(self.delay)
+        writer.write(b"\1")
+        return 1
+
+
+def test_lone_request_is_served_inline_on_the_queue_thread(fds):
+    kick_fd, call_fd = fds
+    q, rec = FakeQueue(), Recorder()
+    runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 2, may_block=rec.may_block)
+    runner.start()
+    for i in range(3):                       # depth 1: one at a time
+        with runner.lock:
+            q.push(FakeChain(10 + i))
+        kick(kick_fd)
+        wait_for(lambda: len(q.used) == i + 1)
+    runner.stop()
+    assert set(rec.threads.values()) == {"vq1"} and runner.served_inline == 3
+    assert q.used == [(10, 1), (11, 1), (12, 1)]
+
+
+def test_requests_with_others_waiting_go_to_the_pool(fds):
+    kick_fd, call_fd = fds
+    q, rec = FakeQueue(), Recorder(delay=0.01)
+    runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 2, may_block=rec.may_block)
+    with runner.lock:
+        for i in range(8):
+            q.push(FakeChain(100 + i))
+    runner.start()
+    wait_for(lambda: len(q.used) == 8)
+    runner.stop()
+    # the first seven had a chain behind them; the last found the pool busy
+    assert all(rec.threads[100 + i].startswith("vq1-worker") for i in range(8))
+    assert runner.served_inline == 0
+
+
+def test_blocking_requests_never_run_inline(fds):
+    kick_fd, call_fd = fds
+    q, rec = FakeQueue(), Recorder(blocking={7})
+    runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 2, may_block=rec.may_block)
+    runner.start()
+    with runner.lock:
+        q.push(FakeChain(7))
+    kick(kick_fd)
+    wait_for(lambda: len(q.used) == 1)
+    runner.stop()
+    assert rec.threads[7] == "vq1-blocking" and runner.served_inline == 0
+
+
+def test_large_chains_go_to_the_pool(fds):
+    kick_fd, call_fd = fds
+    q, rec = FakeQueue(), Recorder()
+    runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 1, may_block=rec.may_block)
+    runner.start()
+    big = FakeChain(5)
+    big.writable = [memoryview(bytearray(rq.INLINE_MAX_BYTES))]
+    with runner.lock:
+        q.push(big)
+    kick(kick_fd)
+    wait_for(lambda: len(q.used) == 1)
+    runner.stop()
+    assert rec.threads[5].startswith("vq1-worker")
+
+
+def test_requests_arriving_during_an_inline_one_are_all_served(fds):
+    """A slow inline request holds back the ring only for its own duration."""
+    kick_fd, call_fd = fds
+    q, rec = FakeQueue(), Recorder(delay=0.05)
+    runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 2, may_block=rec.may_block)
+    runner.start()
+    with runner.lock:
+        q.push(FakeChain(1))
+    kick(kick_fd)
+    wait_for(lambda: 1 in rec.threads)
+    with runner.lock:
+        for i in range(2, 7):
+            q.push(FakeChain(i))
+    kick(kick_fd)
+    wait_for(lambda: len(q.used) == 6)
+    runner.stop()
+    assert rec.threads[1] == "vq1"
+    assert sorted(h for h, _ in q.used) == [1, 2, 3, 4, 5, 6]
+    assert runner.inflight == 0
+
+
+def test_pool_size_zero_serves_everything_inline(fds):
+    kick_fd, call_fd = fds
+    q, rec = FakeQueue(), Recorder()
+    runner = QueueRunner(0, q, kick_fd, call_fd, rec.handle, 0, may_block=rec.may_block)
+    with runner.lock:
+        for i in range(4):
+            q.push(FakeChain(i))
+    runner.start()
+    wait_for(lambda: len(q.used) == 4)
+    runner.stop()
+    assert set(rec.threads.values()) == {"vq0"}
