@@ -23,6 +23,7 @@ def buffer_address(buf) -> int:
 # --- Filesystem syscalls Python's os lacks (cffi_build/parts/10_syscalls.*) ---------------
 
 import os as _os
+import threading
 from typing import NamedTuple as _NamedTuple
 
 STATX_BASIC_STATS = lib.VHS_STATX_BASIC_STATS
@@ -75,16 +76,24 @@ def _path(path: bytes | str | None):
     return _os.fsencode(path)
 
 
+_S63, _U64 = 1 << 63, 1 << 64
+_statx_local = threading.local()
+
+
 def statx(dirfd: int, path: bytes | str, flags: int, mask: int = STATX_BASIC_STATS | STATX_MNT_ID) -> Statx:
     """statx(2); ``statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`` stats an O_PATH fd."""
-    out = ffi.new("struct vhs_statx *")
-    if lib.vhs_statx(dirfd, _path(path), flags, mask, out) < 0:
+    try:
+        out = _statx_local.buf
+    except AttributeError:
+        out = _statx_local.buf = ffi.new("uint64_t[18]")   # one per thread, reused
+    if lib.vhs_statx_fields(dirfd, _path(path), flags, mask, out) < 0:
         _fail("statx")
-    return Statx(
-        out.mask, out.mode, out.nlink, out.uid, out.gid, out.rdev, out.ino, out.size, out.blocks,
-        out.blksize, out.atime_sec, out.atime_nsec, out.mtime_sec, out.mtime_nsec,
-        out.ctime_sec, out.ctime_nsec, out.dev, out.mnt_id,
-    )
+    v = ffi.unpack(out, 18)
+    if v[10] >= _S63 or v[12] >= _S63 or v[14] >= _S63:   # times before 1970 (s64)
+        for i in (10, 12, 14):
+            if v[i] >= _S63:
+                v[i] -= _U64
+    return Statx._make(v)
 
 
 def openat2(dirfd: int, path: bytes | str, flags: int, mode: int = 0, resolve: int = 0) -> int:

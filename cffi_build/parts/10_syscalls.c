@@ -8,28 +8,6 @@
 #include <sys/sysmacros.h>
 #include <linux/openat2.h>
 
-struct vhs_statx {
-    uint32_t mask;
-    uint32_t blksize;
-    uint64_t attributes;
-    uint32_t nlink;
-    uint32_t uid;
-    uint32_t gid;
-    uint32_t mode;
-    uint64_t ino;
-    uint64_t size;
-    uint64_t blocks;
-    int64_t atime_sec;
-    uint32_t atime_nsec;
-    int64_t mtime_sec;
-    uint32_t mtime_nsec;
-    int64_t ctime_sec;
-    uint32_t ctime_nsec;
-    uint64_t rdev;
-    uint64_t dev;
-    uint64_t mnt_id;
-};
-
 #define VHS_STATX_BASIC_STATS 0x7ff
 #define VHS_STATX_MNT_ID 0x1000
 #define VHS_RESOLVE_NO_XDEV 0x01
@@ -47,32 +25,36 @@ struct vhs_statx {
 #define SYS_openat2 437
 #endif
 
-int vhs_statx(int dirfd, const char *path, int flags, unsigned int mask, struct vhs_statx *out)
+/* statx(2) into 18 u64s in the order of hostsys.Statx (mask, mode, nlink, uid, gid,
+ * rdev, ino, size, blocks, blksize, atime, atime_nsec, mtime, mtime_nsec, ctime,
+ * ctime_nsec, dev, mnt_id; dev/rdev makedev'd, the s64 seconds as two's complement):
+ * Python unpacks them in one call instead of 18 cdata field reads (issue 7: the
+ * struct path cost 3.2 us per stat, 2.6x an os.stat). */
+int vhs_statx_fields(int dirfd, const char *path, int flags, unsigned int mask, uint64_t *out)
 {
     struct statx stx;
     memset(&stx, 0, sizeof(stx));
     if (syscall(SYS_statx, dirfd, path, flags, mask, &stx) < 0)
         return -1;
-    out->mask = stx.stx_mask;
-    out->blksize = stx.stx_blksize;
-    out->attributes = stx.stx_attributes;
-    out->nlink = stx.stx_nlink;
-    out->uid = stx.stx_uid;
-    out->gid = stx.stx_gid;
-    out->mode = stx.stx_mode;
-    out->ino = stx.stx_ino;
-    out->size = stx.stx_size;
-    out->blocks = stx.stx_blocks;
-    out->atime_sec = stx.stx_atime.tv_sec;
-    out->atime_nsec = stx.stx_atime.tv_nsec;
-    out->mtime_sec = stx.stx_mtime.tv_sec;
-    out->mtime_nsec = stx.stx_mtime.tv_nsec;
-    out->ctime_sec = stx.stx_ctime.tv_sec;
-    out->ctime_nsec = stx.stx_ctime.tv_nsec;
-    out->rdev = makedev(stx.stx_rdev_major, stx.stx_rdev_minor);
-    out->dev = makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    out[0] = stx.stx_mask;
+    out[1] = stx.stx_mode;
+    out[2] = stx.stx_nlink;
+    out[3] = stx.stx_uid;
+    out[4] = stx.stx_gid;
+    out[5] = makedev(stx.stx_rdev_major, stx.stx_rdev_minor);
+    out[6] = stx.stx_ino;
+    out[7] = stx.stx_size;
+    out[8] = stx.stx_blocks;
+    out[9] = stx.stx_blksize;
+    out[10] = (uint64_t)stx.stx_atime.tv_sec;
+    out[11] = stx.stx_atime.tv_nsec;
+    out[12] = (uint64_t)stx.stx_mtime.tv_sec;
+    out[13] = stx.stx_mtime.tv_nsec;
+    out[14] = (uint64_t)stx.stx_ctime.tv_sec;
+    out[15] = stx.stx_ctime.tv_nsec;
+    out[16] = makedev(stx.stx_dev_major, stx.stx_dev_minor);
     /* stx_mnt_id follows stx_dev_minor in struct statx (Linux 5.8+). */
-    out->mnt_id = (stx.stx_mask & VHS_STATX_MNT_ID) ? stx.stx_mnt_id : 0;
+    out[17] = (stx.stx_mask & VHS_STATX_MNT_ID) ? stx.stx_mnt_id : 0;
     return 0;
 }
 

@@ -1,27 +1,5 @@
 /* Syscalls Python's os module lacks (Linux). Each returns -1 and sets errno on
  * failure, like the syscall itself; hostsys.py turns that into OSError. */
-struct vhs_statx {
-    uint32_t mask;          /* stx_mask: which fields the kernel filled */
-    uint32_t blksize;
-    uint64_t attributes;
-    uint32_t nlink;
-    uint32_t uid;
-    uint32_t gid;
-    uint32_t mode;          /* type and permission bits (stx_mode) */
-    uint64_t ino;
-    uint64_t size;
-    uint64_t blocks;
-    int64_t atime_sec;
-    uint32_t atime_nsec;
-    int64_t mtime_sec;
-    uint32_t mtime_nsec;
-    int64_t ctime_sec;
-    uint32_t ctime_nsec;
-    uint64_t rdev;          /* makedev(rdev_major, rdev_minor) */
-    uint64_t dev;           /* makedev(dev_major, dev_minor) */
-    uint64_t mnt_id;        /* valid when mask & STATX_MNT_ID */
-};
-
 #define VHS_STATX_BASIC_STATS 0x7ff
 #define VHS_STATX_MNT_ID 0x1000
 #define VHS_RESOLVE_NO_XDEV 0x01
@@ -35,7 +13,7 @@ struct vhs_statx {
 #define VHS_UTIME_NOW 1073741823
 #define VHS_UTIME_OMIT 1073741822
 
-int vhs_statx(int dirfd, const char *path, int flags, unsigned int mask, struct vhs_statx *out);
+int vhs_statx_fields(int dirfd, const char *path, int flags, unsigned int mask, uint64_t *out);
 int vhs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
 int vhs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags);
 int vhs_utimensat(int dirfd, const char *path, int64_t atime_sec, long atime_nsec,
