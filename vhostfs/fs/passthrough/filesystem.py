@@ -79,12 +79,20 @@ _S64_MAX = (1 << 63) - 1
 def to_attr(st: hostsys.Statx) -> Attr:
     """statx -> fuse_attr.  Sanity: the guest reads size and blocks as signed (loff_t,
     blkcnt_t), so they are capped at 2**63-1 and never turn negative; nanoseconds are
-    capped at 999999999 and the mode keeps only the type and permission bits."""
-    return Attr(st.ino, min(st.size, _S64_MAX), min(st.blocks, _S64_MAX), st.atime & _U64,
-                st.mtime & _U64, st.ctime & _U64, min(st.atime_nsec, 999_999_999),
-                min(st.mtime_nsec, 999_999_999), min(st.ctime_nsec, 999_999_999),
-                st.mode & (stat.S_IFMT(st.mode) | 0o7777), st.nlink, st.uid, st.gid,
-                encode_rdev(st.rdev), st.blksize)
+    capped at 999999999 and the mode keeps only the type and permission bits.
+    (Unpacked once and branch-tested: this runs for every LOOKUP/GETATTR reply.)"""
+    (_, mode, nlink, uid, gid, rdev, ino, size, blocks, blksize,
+     atime, ansec, mtime, mnsec, ctime, cnsec, _, _) = st
+    if size > _S64_MAX:
+        size = _S64_MAX
+    if blocks > _S64_MAX:
+        blocks = _S64_MAX
+    if ansec > 999_999_999 or mnsec > 999_999_999 or cnsec > 999_999_999:
+        ansec, mnsec, cnsec = (min(ansec, 999_999_999), min(mnsec, 999_999_999),
+                               min(cnsec, 999_999_999))
+    return Attr(ino, size, blocks, atime & _U64, mtime & _U64, ctime & _U64, ansec, mnsec,
+                cnsec, mode & (mode & 0o170000 | 0o7777), nlink, uid, gid,
+                encode_rdev(rdev) if rdev else 0, blksize)
 
 
 class PassthroughFs(ExtrasMixin, FileSystem):
