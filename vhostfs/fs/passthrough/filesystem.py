@@ -8,8 +8,13 @@ Safety rules (the guest is untrusted):
   ``/proc/self/fd/N`` (it names the inode, not a path): symlinks are never opened
   (ELOOP) and device nodes, FIFOs and sockets are never opened on the host (EACCES;
   the guest kernel serves those itself and never sends OPEN for them);
-- create-type operations run with the caller's fsuid/fsgid (per-thread syscalls), so
-  new files belong to the guest caller; the guest's umask is applied here (DONT_MASK).
+- every request the host would permission-check runs with the caller's (translated)
+  fsuid/fsgid on its own thread (per-thread syscalls): LOOKUP, OPEN(DIR), the create
+  family, UNLINK, RMDIR, RENAME, LINK, SETATTR, ACCESS, the xattr ops and the flag
+  ioctls -- so the host kernel's checks (modes, ACLs, sticky dirs, ownership) are the
+  ones that apply, and new files belong to the caller; the guest's umask is applied
+  here (DONT_MASK).  Requests on an open handle (READ, WRITE, FSYNC, FALLOCATE, LSEEK,
+  COPY_FILE_RANGE, locks, READDIR) have no permission check in POSIX beyond the open.
 """
 from __future__ import annotations
 
@@ -100,7 +105,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
 
     ``timeout`` is the entry/attr cache timeout in seconds (``cache="never"`` forces 0,
     ``"always"`` raises it to a day).  ``switch_credentials`` (default: when running as
-    root) makes create-type ops run with the caller's fsuid/fsgid.
+    root) makes requests run with the caller's fsuid/fsgid (see the module docstring).
     """
 
     def __init__(self, shared_dir: str, *, readonly: bool = False, timeout: float = 1.0,
