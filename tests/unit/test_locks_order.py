@@ -270,6 +270,24 @@ def test_an_upgrade_is_not_queued_behind_a_waiter_it_blocks(c, fs, f):
     assert b.join() == 0
 
 
+def test_no_yield_to_a_waiter_queued_behind_one_this_owner_blocks(c, fs, f):
+    """F waits for A; E (free range) queues behind F; A then asks for bytes E wants:
+    E waits for A through F, so A yielding to E would close a cycle: A is granted."""
+    node, fh = f
+    c.lk(O.SETLK, node, fh, A, 100, 109, R)
+    fw = Wait(c, node, fh, 0xF, 100, 119, W)       # hard: F -> A
+    queue_len(fs, 1)
+    ew = Wait(c, node, fh, E, 110, 119, W)         # free, but behind F: E -> F
+    queue_len(fs, 2)
+    assert still_waiting(fw, ew)
+    assert setlkw(c, node, fh, A, 110, 115, W) == 0
+    c.lk(O.SETLK, node, fh, A, 0, EOF_, U)
+    assert fw.join() == 0
+    assert still_waiting(ew)
+    c.lk(O.SETLK, node, fh, 0xF, 0, EOF_, U)
+    assert ew.join() == 0
+
+
 def test_non_blocking_setlk_is_not_queued(c, fs, f):
     node, fh = f
     c.lk(O.SETLK, node, fh, A, 0, 9, W)

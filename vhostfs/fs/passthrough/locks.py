@@ -37,10 +37,13 @@ the table gives the guest what OFD locks lack:
   queue: it is granted whenever no conflicting lock is held, as on Linux.
 
 Waiting never blocks in the kernel: a waiter retries the non-blocking call, sleeping
-between tries on its own wake-up eventfd (written whenever the inode's table changes:
-a grant, an unlock, a FLUSH, a waiter leaving) and on the request's ``Cancel`` token,
-for at most 1 ms .. 20 ms (doubling: a host process's unlock is not signalled).  So the
-runtime can cancel a waiter (EINTR) and a waiter never holds a lock of ours.  One
+between tries on its own wake-up eventfd (written whenever the inode's table or queue
+changes: a grant, an unlock, a FLUSH, a waiter arriving or leaving) and on the
+request's ``Cancel`` token.  A waiter the kernel refused sleeps 1 ms .. 20 ms (doubling:
+a host process's unlock is not signalled); a waiter yielding to an earlier one sleeps
+until woken (re-checking every 0.2 s for changes on other inodes), so a long queue
+costs no polling.  So the runtime can cancel a waiter (EINTR) and a waiter never holds
+a lock of ours.  One
 ``threading.Lock`` guards the table and is held around each non-blocking
 ``F_OFD_SETLK`` so the table and the kernel agree; it is never held while sleeping.
 
@@ -69,7 +72,13 @@ OFFSET_MAX = (1 << 63) - 1
 _flock = struct.Struct("hhqqi4x")
 _CONFLICT = (errno.EAGAIN, errno.EACCES)
 _FIRST_DELAY, _MAX_DELAY = 0.001, 0.02
+#: A waiter yielding to an earlier one depends on guest state only, so it sleeps until
+#: woken; it re-checks this often anyway, for changes on other inodes (which can make
+#: the earlier waiter wait for it: then it must stop yielding).
+_YIELD_RECHECK = 0.2
 
+#: _attempt's outcomes
+GRANTED, CONFLICT, YIELD = 0, 1, 2
 #: A held range: (start, end, type, guest pid), end inclusive.
 Range = tuple[int, int, int, int]
 
@@ -158,16 +167,13 @@ def _sleep(cancel: Cancel | None, wake_fd: int | None, delay: float) -> bool:
     return False
 
 
-def wait_until(attempt: Callable[[], bool], cancel: Cancel | None,
-               wake_fd: int | None = None) -> None:
-    """Call ``attempt`` until it returns True; between tries sleep (1..20 ms, doubling;
-    a wake-up on ``wake_fd`` retries at once) on the cancel token; EINTR once it is set."""
+def wait_until(attempt: Callable[[], bool], cancel: Cancel | None) -> None:
+    """Call ``attempt`` until it returns True; between tries sleep (1..20 ms, doubling)
+    on the cancel token; EINTR once it is set."""
     delay = _FIRST_DELAY
     while not attempt():
-        if _sleep(cancel, wake_fd, delay):
-            delay = _FIRST_DELAY
-        else:
-            delay = min(delay * 2, _MAX_DELAY)
+        _sleep(cancel, None, delay)
+        delay = min(delay * 2, _MAX_DELAY)
 
 
 def _try(fn: Callable[[], object]) -> bool:
@@ -209,6 +215,8 @@ class PosixLocks:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: list[_Waiter] = []   # arrival order, every inode
+        self._version = 0                   # bumped by every change of table or queue
+        self._reverse: tuple[int, dict[int, set[int]]] = (-1, {})
 
     # --- the table (all with self._lock held) ----------------------------------------
     @staticmethod
@@ -246,6 +254,25 @@ class PosixLocks:
                 todo.extend(graph.get(o, ()))
         return False
 
+    def _waits_for(self, target: int) -> set[int]:
+        """The owners that wait for ``target``, directly or through others, counting queue
+        order (the reverse graph is built once per change of the table or queue)."""
+        if self._reverse[0] != self._version:
+            reverse: dict[int, set[int]] = {}
+            for o, succ in self._graph(queue_order=True).items():
+                for t in succ:
+                    reverse.setdefault(t, set()).add(o)
+            self._reverse = (self._version, reverse)
+        reverse = self._reverse[1]
+        seen: set[int] = set()
+        todo = [target]
+        while todo:
+            for o in reverse.get(todo.pop(), ()):
+                if o not in seen:
+                    seen.add(o)
+                    todo.append(o)
+        return seen
+
     def _must_yield(self, w: _Waiter) -> bool:
         """Fair order: is there an earlier queued waiter whose request conflicts with
         ``w``'s and that does not itself wait (through anything) for ``w``'s owner?"""
@@ -257,10 +284,12 @@ class PosixLocks:
                 earlier.append(e)
         if not earlier:
             return False
-        graph = self._graph(queue_order=True)
-        return any(not self._reaches(graph, (e.owner,), w.owner) for e in earlier)
+        waiting_for_w = self._waits_for(w.owner)
+        return any(e.owner not in waiting_for_w for e in earlier)
 
-    def _wake(self, inode) -> None:
+    def _changed(self, inode) -> None:
+        """The table or the queue changed: wake the inode's waiters to try again."""
+        self._version += 1
         for w in self._waiters:
             if w.inode is inode and w.wake >= 0:
                 os.eventfd_write(w.wake, 1)
@@ -315,15 +344,15 @@ class PosixLocks:
 
     # --- setting ---------------------------------------------------------------------
     def _attempt(self, inode, owner: int, lock: FileLock, accmode: int,
-                 waiter: _Waiter | None) -> bool:
-        """One non-blocking try, table and kernel together; False on a conflict (or
-        while ``waiter`` must let an earlier one go first)."""
+                 waiter: _Waiter | None) -> int:
+        """One non-blocking try, table and kernel together: GRANTED, CONFLICT, or
+        YIELD while ``waiter`` must let an earlier one go first."""
         arg = pack_flock(lock)
         spare: OwnerFile | None = None
         while True:
             with self._lock:
                 if waiter is not None and self._must_yield(waiter):
-                    return False
+                    return YIELD
                 of = inode.plocks.get(owner) if inode.plocks else None
                 if of is None and spare is not None:
                     if inode.plocks is None:
@@ -331,13 +360,13 @@ class PosixLocks:
                     of = inode.plocks[owner] = spare
                 if of is not None:
                     if not _try(lambda: fcntl.fcntl(of.fd, fcntl.F_OFD_SETLK, arg)):
-                        return False
+                        return CONFLICT
                     of.held = apply_range(of.held, lock)
                     of.pid = lock.pid
                     if waiter is not None:
                         self._waiters.remove(waiter)
-                    self._wake(inode)
-                    return True
+                    self._changed(inode)
+                    return GRANTED
             # first lock of this owner here: open outside the table lock, then retry
             # (a racing twin's file is dropped, and closed, with ``spare``)
             spare = OwnerFile(self._open(inode, accmode), lock.pid)
@@ -350,10 +379,10 @@ class PosixLocks:
                 if of is not None:
                     fcntl.fcntl(of.fd, fcntl.F_OFD_SETLK, pack_flock(lock))
                     of.held = apply_range(of.held, lock)
-                    self._wake(inode)
+                    self._changed(inode)
             return
         if not sleep:
-            if not self._attempt(inode, owner, lock, accmode, None):
+            if self._attempt(inode, owner, lock, accmode, None) != GRANTED:
                 raise OSError(errno.EAGAIN, "lock held by another owner")
             return
         with self._lock:
@@ -362,14 +391,22 @@ class PosixLocks:
                 raise OSError(errno.EDEADLK, "waiting would deadlock")
             waiter = _Waiter(inode, owner, lock)
             self._waiters.append(waiter)
+            self._changed(inode)
         try:
-            wait_until(lambda: self._attempt(inode, owner, lock, accmode, waiter), cancel,
-                       waiter.wake)
+            delay = _FIRST_DELAY
+            while (got := self._attempt(inode, owner, lock, accmode, waiter)) != GRANTED:
+                if got == YIELD:       # only guest changes end it: they wake us
+                    _sleep(cancel, waiter.wake, _YIELD_RECHECK)
+                    delay = _FIRST_DELAY
+                elif _sleep(cancel, waiter.wake, delay):
+                    delay = _FIRST_DELAY
+                else:                  # a host process may hold it: poll
+                    delay = min(delay * 2, _MAX_DELAY)
         finally:
             with self._lock:
                 if waiter in self._waiters:      # cancelled or failed: let the next go
                     self._waiters.remove(waiter)
-                    self._wake(inode)
+                    self._changed(inode)
                 waiter.close()
 
     def release_owner(self, inode, owner: int) -> None:
@@ -383,7 +420,7 @@ class PosixLocks:
                 fcntl.fcntl(of.fd, fcntl.F_OFD_SETLK,
                             pack_flock(FileLock(0, OFFSET_MAX, fcntl.F_UNLCK, 0)))
             finally:
-                self._wake(inode)
+                self._changed(inode)
         del of
 
     def queued(self, inode=None) -> list[tuple[int, FileLock]]:
