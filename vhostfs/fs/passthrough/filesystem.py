@@ -173,6 +173,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         self._uid, self._gid = os.geteuid(), os.getegid()
         self.switch_credentials = (self._uid == 0) if switch_credentials is None else switch_credentials
         self.creds = Credentials(self._uid, self._gid, self.switch_credentials)
+        self._identity_ids = self.uidmap.identity and self.gidmap.identity
         # The process umask also applies to host creations; bits it strips are put back
         # (a daemon that runs with umask 0 never pays for that).
         self._proc_umask = os.umask(0o022)
@@ -265,11 +266,19 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         groups the guest could have named as the request's gid itself (the id
         translation maps them back unchanged), so the retry grants nothing a guest
         could not claim outright.  A thread in the daemon's own ids switches nothing."""
-        if ctx is None or not self.creds.enabled:
-            return fn()  # an internal call, or a daemon that switches nothing
+        if (ctx is None or not self.creds.enabled
+                or (ctx.uid == self._uid and ctx.gid == self._gid and not ctx.groups
+                    and self._identity_ids)):
+            # an internal call, a daemon that switches nothing, or the daemon's own ids
+            return fn()
         try:
-            with self._as_caller(ctx):
+            uid, gid = self.uidmap.to_host(ctx.uid), self.gidmap.to_host(ctx.gid)
+            token = self.creds.enter(uid, gid, self._host_groups(ctx.groups))
+            try:
                 return fn()
+            finally:
+                if token:
+                    self.creds.leave(token)
         except PermissionError as e:
             if (e.errno not in errnos or ctx.groups
                     or (create and getattr(self, "create_supp_group", False))):
