@@ -66,7 +66,7 @@ class ExtrasMixin:
         inode = self.inodes.get(nodeid)
         host = self._host_xattr_name(name)
         self._as_caller_do(ctx, lambda: os.setxattr(inode.proc_path, host, value, flags),
-                           lambda: [stat_fd(inode.fd).gid], errnos=(errno.EACCES, errno.EPERM))
+                           self._gids(inode), errnos=(errno.EACCES, errno.EPERM))
         if host == xattrs.ACL_ACCESS and setxattr_flags & 1:  # FUSE_SETXATTR_ACL_KILL_SGID
             mode = stat_fd(inode.fd).mode
             if mode & stat.S_ISGID and inode.ftype != stat.S_IFLNK:
@@ -82,14 +82,14 @@ class ExtrasMixin:
                 raise OSError(errno.ENODATA, "no such attribute") from None
             raise
         value = self._as_caller_do(ctx, lambda: os.getxattr(inode.proc_path, host),
-                                   lambda: [stat_fd(inode.fd).gid])
+                                   self._gids(inode))
         return len(value) if size == 0 else value
 
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         self._xattr_enabled()
         inode = self.inodes.get(nodeid)
         names = [os.fsencode(n) for n in self._as_caller_do(
-            ctx, lambda: os.listxattr(inode.proc_path), lambda: [stat_fd(inode.fd).gid])]
+            ctx, lambda: os.listxattr(inode.proc_path), self._gids(inode))]
         if self.xattrmap is not None:
             names = [g for g in (self.xattrmap.to_guest(n) for n in names) if g]
         if not self.posix_acl:
@@ -103,7 +103,7 @@ class ExtrasMixin:
         inode = self.inodes.get(nodeid)
         host = self._host_xattr_name(name)
         self._as_caller_do(ctx, lambda: os.removexattr(inode.proc_path, host),
-                           lambda: [stat_fd(inode.fd).gid], errnos=(errno.EACCES, errno.EPERM))
+                           self._gids(inode), errnos=(errno.EACCES, errno.EPERM))
 
     # --- data -----------------------------------------------------------------------------
     def _file_for(self, fh: int, nodeid: int) -> FileHandle:

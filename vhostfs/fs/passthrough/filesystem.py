@@ -292,6 +292,12 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         with self._as_caller(ctx, extra):
             return fn()
 
+    @staticmethod
+    def _gids(*inodes: Inode):
+        """The retry's candidate groups: the host groups of ``inodes`` (looked up only
+        when a retry is considered)."""
+        return lambda: [stat_fd(i.fd).gid for i in inodes]
+
     def _switches(self, ctx: Context) -> bool:
         """Whether this request runs with other ids than the daemon's."""
         return ctx is not None and self.creds.enabled and (self.uidmap.to_host(ctx.uid),
@@ -310,7 +316,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         """``make()``, a creation in ``parent``, as the caller: the new object belongs
         to the caller's fsuid/fsgid (the parent's group under a setgid parent), and the
         parent's group is the one a supplementary group can matter for."""
-        return self._as_caller_do(ctx, make, lambda: [stat_fd(parent.fd).gid], create=True)
+        return self._as_caller_do(ctx, make, self._gids(parent), create=True)
 
     def _lookup_in(self, parent: Inode, name: bytes, ctx: Context | None = None) -> Entry:
         """Resolve one component under ``parent`` and account one lookup (+1).  With
@@ -324,7 +330,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             fd = os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd)
         else:
             fd = self._as_caller_do(ctx, lambda: os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd),
-                                    lambda: [stat_fd(parent.fd).gid])
+                                    self._gids(parent))
         try:
             st = stat_fd(fd)
             if name == b".." and not self._inside_root(fd, st):
@@ -567,14 +573,14 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         self._writable()
         self._plain_name(name)
         self._as_caller_do(ctx, lambda: os.unlink(name, dir_fd=p.fd),
-                           lambda: [stat_fd(p.fd).gid])
+                           self._gids(p))
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         p = self._dir(parent)
         self._writable()
         self._plain_name(name)
         self._as_caller_do(ctx, lambda: os.rmdir(name, dir_fd=p.fd),
-                           lambda: [stat_fd(p.fd).gid])
+                           self._gids(p))
 
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
                flags: int) -> None:
@@ -590,7 +596,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         else:
             def move():
                 os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
-        self._as_caller_do(ctx, move, lambda: [stat_fd(p.fd).gid, stat_fd(np.fd).gid])
+        self._as_caller_do(ctx, move, self._gids(p, np))
 
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         inode = self.inodes.get(nodeid)
@@ -605,7 +611,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         # protected_hardlinks rule (owner, or read+write access) on the file.
         self._as_caller_do(
             ctx, lambda: os.link(inode.proc_path, newname, dst_dir_fd=np.fd, follow_symlinks=True),
-            lambda: [stat_fd(np.fd).gid, stat_fd(inode.fd).gid], errnos=(errno.EACCES, errno.EPERM))
+            self._gids(np, inode), errnos=(errno.EACCES, errno.EPERM))
         return self._lookup_in(np, newname)
 
     def access(self, ctx: Context, nodeid: int, mask: int) -> None:
@@ -619,7 +625,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         def check():
             if not os.access(inode.proc_path, mask, effective_ids=True):
                 raise OSError(errno.EACCES, "access denied")
-        self._as_caller_do(ctx, check, lambda: [stat_fd(inode.fd).gid])
+        self._as_caller_do(ctx, check, self._gids(inode))
 
     def statfs(self, ctx: Context, nodeid: int) -> StatFs:
         s = os.fstatvfs(self.inodes.get(nodeid).fd)
@@ -651,7 +657,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
             raise OSError(errno.EACCES, "special files are not opened on the host")
         host = self._open_flags(flags)
         path = inode.proc_path
-        gids = lambda: [stat_fd(inode.fd).gid]  # noqa: E731
+        gids = self._gids(inode)
         try:
             return self._as_caller_do(ctx, lambda: os.open(path, host), gids)
         except PermissionError:
@@ -814,7 +820,7 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         inode = self._dir(nodeid)
         fd = self._as_caller_do(
             ctx, lambda: os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
-            lambda: [stat_fd(inode.fd).gid])
+            self._gids(inode))
         return self.handles.add(DirHandle(fd, inode)), self._dir_open_flags
 
     def _dot_ino(self, h: DirHandle, name: bytes, ino: int) -> int:
