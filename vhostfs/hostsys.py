@@ -28,6 +28,7 @@ from typing import NamedTuple as _NamedTuple
 
 STATX_BASIC_STATS = lib.VHS_STATX_BASIC_STATS
 STATX_MNT_ID = lib.VHS_STATX_MNT_ID
+STATX_BTIME = lib.VHS_STATX_BTIME
 RESOLVE_NO_XDEV = lib.VHS_RESOLVE_NO_XDEV
 RESOLVE_NO_MAGICLINKS = lib.VHS_RESOLVE_NO_MAGICLINKS
 RESOLVE_NO_SYMLINKS = lib.VHS_RESOLVE_NO_SYMLINKS
@@ -63,6 +64,10 @@ class Statx(_NamedTuple):
     ctime_nsec: int
     dev: int
     mnt_id: int
+    btime: int = 0           # valid when mask has STATX_BTIME
+    btime_nsec: int = 0
+    attributes: int = 0      # STATX_ATTR_*
+    attributes_mask: int = 0
 
 
 def _fail(what: str) -> None:
@@ -85,12 +90,12 @@ def statx(dirfd: int, path: bytes | str, flags: int, mask: int = STATX_BASIC_STA
     try:
         out = _statx_local.buf
     except AttributeError:
-        out = _statx_local.buf = ffi.new("uint64_t[18]")   # one per thread, reused
+        out = _statx_local.buf = ffi.new("uint64_t[22]")   # one per thread, reused
     if lib.vhs_statx_fields(dirfd, _path(path), flags, mask, out) < 0:
         _fail("statx")
-    v = ffi.unpack(out, 18)
-    if v[10] >= _S63 or v[12] >= _S63 or v[14] >= _S63:   # times before 1970 (s64)
-        for i in (10, 12, 14):
+    v = ffi.unpack(out, 22)
+    if v[10] >= _S63 or v[12] >= _S63 or v[14] >= _S63 or v[18] >= _S63:   # before 1970 (s64)
+        for i in (10, 12, 14, 18):
             if v[i] >= _S63:
                 v[i] -= _U64
     return Statx._make(v)

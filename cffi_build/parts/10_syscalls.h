@@ -2,6 +2,7 @@
  * failure, like the syscall itself; hostsys.py turns that into OSError. */
 #define VHS_STATX_BASIC_STATS 0x7ff
 #define VHS_STATX_MNT_ID 0x1000
+#define VHS_STATX_BTIME 0x800
 #define VHS_RESOLVE_NO_XDEV 0x01
 #define VHS_RESOLVE_NO_MAGICLINKS 0x02
 #define VHS_RESOLVE_NO_SYMLINKS 0x04

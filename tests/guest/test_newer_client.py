@@ -123,7 +123,17 @@ int main(int argc, char **argv) {
         printf("mmap-ok\n");
         return 0;
     }
-    fprintf(stderr, "usage: as UID GID SUPP|- PROG ARGS... | mmapw PATH TEXT\n");
+    if (argc == 3 && !strcmp(argv[1], "statx")) {   /* statx PATH: birth time (FUSE_STATX) */
+        struct statx sx;
+        if (statx(AT_FDCWD, argv[2], AT_STATX_FORCE_SYNC, STATX_BASIC_STATS | STATX_BTIME, &sx)) {
+            perror("statx"); return 2;
+        }
+        printf("statx mask=%#x btime=%lld.%09u size=%llu mode=%o\n", sx.stx_mask,
+               (long long)sx.stx_btime.tv_sec, sx.stx_btime.tv_nsec,
+               (unsigned long long)sx.stx_size, sx.stx_mode);
+        return 0;
+    }
+    fprintf(stderr, "usage: as UID GID SUPP|- PROG ARGS... | mmapw PATH TEXT | statx PATH\n");
     return 2;
 }
 """
@@ -210,6 +220,7 @@ def newer(tmp_path_factory):
     prepare_entries(share / "work" / "readdir10k", ENTRIES)
     prepare_entries(user_dir / "readdir10k", ENTRIES, owner=(1000, 1000))
     mounted = _mount_submount(share / "submount")
+    (share / "born").write_bytes(b"x" * 1234)
     sg = share / "sg"
     sg.mkdir(mode=0o755)
     os.chmod(sg, 0o755)
@@ -399,3 +410,22 @@ def test_conformance_owners_and_escapes_seen_from_the_host(newer, root_results, 
             st = os.lstat(newer["share"] / sub / "owner" / name)
             assert (st.st_uid, st.st_gid) == (1000, 1000), (sub, name, st.st_uid, st.st_gid)
     assert (newer["base"] / "outside-secret").read_text() == newer["token"] + "\n"
+
+
+# --- FUSE_STATX (7.39): a 6.6+ guest asks for the birth time even of a 7.38 server ----------
+
+def test_statx_birth_time(newer):
+    """statx(STATX_BTIME) in the guest: the guest sends FUSE_STATX and gets the host
+    file's birth time (answered ENOSYS, the guest would report no btime at all)."""
+    from vhostfs import hostsys
+    res = newer["sess"].run("/tmp/nch statx /mnt/born", timeout=60)
+    assert res.status == 0 and "statx mask=" in res.output, res.output
+    fields = dict(kv.split("=", 1) for kv in res.output.split("statx ", 1)[1].split())
+    host = hostsys.statx(-100, str(newer["share"] / "born"), 0,
+                         hostsys.STATX_BASIC_STATS | hostsys.STATX_BTIME)
+    assert host.mask & hostsys.STATX_BTIME, "the host filesystem reports no birth time"
+    assert int(fields["mask"], 16) & hostsys.STATX_BTIME, res.output
+    assert fields["btime"] == f"{host.btime}.{host.btime_nsec:09d}", (res.output, host)
+    assert fields["size"] == "1234" and fields["mode"] == "100644", res.output
+    assert re.search(r"op=STATX\b", _main_log(newer)), "no FUSE_STATX in the daemon's log"
+

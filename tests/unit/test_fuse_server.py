@@ -133,7 +133,7 @@ def test_unexpected_exception_is_eio(sess):
 
 
 @pytest.mark.parametrize("opcode", [O.GETLK, O.SETUPMAPPING, O.TMPFILE, O.LSEEK,
-                                    O.SYNCFS, O.BMAP, 52, 4096, 0, 0xFFFFFFFF])
+                                    O.SYNCFS, O.BMAP, O.STATX, 53, 4096, 0, 0xFFFFFFFF])
 def test_unknown_and_unimplemented_opcodes(sess, opcode):
     body = bytes(64)
     if opcode == O.LSEEK:

@@ -521,3 +521,29 @@ def test_security_label_contexts(share):
     plain = make(share, flags2=OLD_KERNEL_FLAGS2)
     assert not plain.server.flags & (abi.FUSE_SECURITY_CTX | abi.FUSE_CREATE_SUPP_GROUP)
     assert _create_with_ext(plain, 1, b"i", _secctx_ext([])) == -errno.EINVAL
+
+
+# --- FUSE_STATX (7.39) -------------------------------------------------------------------
+def test_statx_reports_birth_time_and_translated_ids(share):
+    from vhostfs import hostsys
+    (share / "f").write_bytes(b"12345")
+    os.chown(share / "f", 5001, 6002)
+    c = make(share, translate_uid=["map:1000:5000:10"], translate_gid=["map:1000:6000:10"])
+    node = c.lookup(1, b"f")[0]
+    out = c.request(O.STATX, node, abi.fuse_statx_in.pack(0, 0, 0, 0, 0x7ff | 0x800))
+    v = abi.fuse_statx_out.unpack(out)
+    attr_valid, _nsec, _flags, mask, blksize, _attrs, nlink, uid, gid, mode, ino, size = v[:12]
+    host = hostsys.statx(-100, str(share / "f"), 0, hostsys.STATX_BASIC_STATS | hostsys.STATX_BTIME)
+    assert mask & 0x7ff == 0x7ff and bool(mask & 0x800) == bool(host.mask & 0x800)
+    assert (uid, gid, size, nlink, ino) == (1001, 1002, 5, 1, host.ino)
+    assert stat.S_ISREG(mode) and stat.S_IMODE(mode) == stat.S_IMODE(host.mode)
+    btime_sec, btime_nsec = v[17], v[18]
+    assert (btime_sec, btime_nsec) == (host.btime, host.btime_nsec)
+    # a device node: rdev goes back to major/minor
+    os.mknod(share / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    dev_node = c.lookup(1, b"null")[0]
+    v = abi.fuse_statx_out.unpack(c.request(O.STATX, dev_node, abi.fuse_statx_in.pack(0, 0, 0, 0, 0x7ff)))
+    assert v[-4:-2] == (1, 3)
+    # a truncated request is EINVAL, an unknown node ENOENT
+    assert err(c.request, O.STATX, node, b"\0" * 8) == errno.EINVAL
+    assert err(c.request, O.STATX, 999, abi.fuse_statx_in.pack(0, 0, 0, 0, 0x7ff)) == errno.ENOENT

@@ -98,6 +98,19 @@ class Attr:
 
 
 @dataclass(slots=True)
+class StatxAttr:
+    """FUSE_STATX's answer: the fuse_attr fields, which of them (and btime) are valid
+    (STATX_* ``mask``), and what only statx(2) reports."""
+
+    attr: Attr
+    mask: int
+    btime: int = 0
+    btimensec: int = 0
+    attributes: int = 0
+    attributes_mask: int = 0
+
+
+@dataclass(slots=True)
 class Entry:
     """A lookup result. ``nodeid`` 0 means "no inode" (a negative entry, or . and .. in
     READDIRPLUS) and carries no lookup reference."""
@@ -266,6 +279,12 @@ class FileSystem:
 
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
         """GETATTR -> (attr, attr timeout). Lookup count unchanged."""
+        raise _enosys()
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, sx_flags: int, sx_mask: int
+              ) -> tuple[StatxAttr, float]:
+        """STATX (7.39) -> (attributes incl. birth time, attr timeout).  ENOSYS makes the
+        guest fall back to GETATTR for good."""
         raise _enosys()
 
     def setattr(self, ctx: Context, nodeid: int, attr: SetAttr) -> tuple[Attr, float]:

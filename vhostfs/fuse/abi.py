@@ -66,9 +66,10 @@ class Opcode(enum.IntEnum):
     REMOVEMAPPING = 49
     SYNCFS = 50
     TMPFILE = 51
+    STATX = 52          # 7.39 (a 6.6+ guest sends it for btime, even to a 7.38 server)
 
 
-MAX_OPCODE = 51
+MAX_OPCODE = 52
 
 # fuse_init_in/out flags (flags2 carries bits 32..63 when FUSE_INIT_EXT is set)
 FUSE_ASYNC_READ = 1 << 0
@@ -226,6 +227,11 @@ fuse_poll_in = struct.Struct("<QQII")                 # fh kh flags events
 fuse_poll_out = struct.Struct("<II")                  # revents padding
 fuse_bmap_in = struct.Struct("<QII")                  # block blocksize padding
 fuse_bmap_out = struct.Struct("<Q")                   # block
+# 7.39: FUSE_STATX.  fuse_statx is bit-for-bit the statx(2) layout: times are
+# fuse_sx_time {s64 tv_sec, u32 tv_nsec, s32 reserved}.
+fuse_statx_in = struct.Struct("<IIQII")               # getattr_flags reserved fh sx_flags sx_mask
+fuse_statx = struct.Struct("<IIQIIIH2xQQQQ" + "qIi" * 4 + "IIII112x")  # mask blksize attributes nlink uid gid mode ino size blocks attributes_mask atime btime ctime mtime rdev_major rdev_minor dev_major dev_minor spare2[14]
+fuse_statx_out = struct.Struct("<QII16x" + fuse_statx.format[1:])    # attr_valid attr_valid_nsec flags spare[2] stat
 
 FUSE_NAME_OFFSET = fuse_dirent.size
 FUSE_NAME_OFFSET_DIRENTPLUS = fuse_direntplus.size

@@ -63,7 +63,7 @@ class ExtendedOps:
             (O.REMOVEXATTR, self._removexattr), (O.FALLOCATE, self._fallocate),
             (O.LSEEK, self._lseek), (O.COPY_FILE_RANGE, self._copy_file_range),
             (O.SYNCFS, self._syncfs), (O.TMPFILE, self._tmpfile), (O.IOCTL, self._ioctl),
-            (O.POLL, self._poll), (O.BMAP, self._bmap),
+            (O.POLL, self._poll), (O.BMAP, self._bmap), (O.STATX, self._statx),
         ):
             table[op] = fn
         # SETXATTR carries a value of up to XATTR_SIZE_MAX after the name.
@@ -233,6 +233,13 @@ class ExtendedOps:
         ctx.umask = umask & 0o777
         entry, fh, open_flags = self.fs.tmpfile(ctx, nodeid, mode, flags)
         return replies.entry_out(entry) + replies.open_out(fh, open_flags)
+
+    # --- STATX -------------------------------------------------------------------------
+    def _statx(self, ctx, nodeid, body, reader, writer):
+        getattr_flags, _, fh, sx_flags, sx_mask = _unpack(body, abi.fuse_statx_in)
+        sx, timeout = self.fs.statx(ctx, nodeid, fh if getattr_flags & abi.FUSE_GETATTR_FH
+                                    else None, sx_flags, sx_mask)
+        return replies.statx_out(sx, timeout)
 
     # --- IOCTL, POLL, BMAP ----------------------------------------------------------------
     def _ioctl(self, ctx, nodeid, body, reader, writer):

@@ -1,7 +1,7 @@
 """Packing of FUSE replies (no I/O): fs values -> wire bytes."""
 from __future__ import annotations
 
-from vhostfs.fs.api import Attr, Entry, StatFs
+from vhostfs.fs.api import Attr, Entry, StatFs, StatxAttr
 from vhostfs.fuse import abi
 
 _entry_out = abi.fuse_entry_out
@@ -38,6 +38,19 @@ def entry_out(e: Entry) -> bytes:
 def attr_out(a: Attr, timeout: float) -> bytes:
     sec, nsec = split_timeout(timeout)
     return _attr_out.pack(sec, nsec, 0, *attr_values(a))
+
+
+def statx_out(sx: StatxAttr, timeout: float) -> bytes:
+    """fuse_statx_out; rdev goes back from new_encode_dev() form to major/minor, and
+    dev is 0 (the guest reports its own superblock's)."""
+    a = sx.attr
+    sec, nsec = split_timeout(timeout)
+    rdev = a.rdev
+    return abi.fuse_statx_out.pack(
+        sec, nsec, 0, sx.mask, a.blksize, sx.attributes, a.nlink, a.uid, a.gid, a.mode & 0xFFFF,
+        a.ino, a.size, a.blocks, sx.attributes_mask, a.atime, a.atimensec, 0,
+        sx.btime, sx.btimensec, 0, a.ctime, a.ctimensec, 0, a.mtime, a.mtimensec, 0,
+        (rdev >> 8) & 0xFFF, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00), 0, 0)
 
 
 def open_out(fh: int, open_flags: int) -> bytes:

@@ -62,6 +62,11 @@ class DaxPassthroughFs(PassthroughFs):
         attr, timeout = super().getattr(ctx, nodeid, fh)
         return self._dax_attr(nodeid, attr), timeout
 
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, sx_flags: int, sx_mask: int):
+        sx, timeout = super().statx(ctx, nodeid, fh, sx_flags, sx_mask)
+        self._dax_attr(nodeid, sx.attr)
+        return sx, timeout
+
     def setattr(self, ctx: Context, nodeid: int, a: SetAttr) -> tuple[Attr, float]:
         if a.valid & api.FATTR_SIZE:
             self.dax.flush_inode(nodeid)

@@ -15,7 +15,7 @@ import stat
 import struct
 
 from vhostfs import hostsys
-from vhostfs.fs.api import Context, Entry
+from vhostfs.fs.api import Context, Entry, StatxAttr
 from vhostfs.fs.passthrough import xattr as xattrs
 from vhostfs.fs.passthrough.handles import FileHandle
 from vhostfs.fs.passthrough.inodes import stat_fd
@@ -41,6 +41,9 @@ SAFE_XFLAGS = 0x8 | 0x10 | 0x20 | 0x40 | 0x80
 #: noatime, dirsync, nocow (the guest kernel already checked CAP_LINUX_IMMUTABLE for
 #: immutable/append).  Anything else (encryption, verity, casefold, inline data...) is
 #: the host's business: a change of those bits is refused with EOPNOTSUPP.
+_STATX_NOFOLLOW = hostsys.AT_EMPTY_PATH | hostsys.AT_SYMLINK_NOFOLLOW
+#: AT_STATX_FORCE_SYNC | AT_STATX_DONT_SYNC (<fcntl.h>)
+AT_STATX_SYNC_TYPE = 0x6000
 SAFE_FLAGS = 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x10000 | 0x800000
 _int = struct.Struct("<i")
 
@@ -153,6 +156,20 @@ class ExtrasMixin:
             os.close(fd)
             raise
         return self._adopt_new_file(fd, flags & ~os.O_EXCL, flags)
+
+    # --- statx ---------------------------------------------------------------------------
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, sx_flags: int, sx_mask: int
+              ) -> tuple[StatxAttr, float]:
+        """FUSE_STATX: GETATTR plus the birth time and the STATX_ATTR_* flags.  Of the
+        guest's statx flags only the sync type (AT_STATX_FORCE_SYNC / DONT_SYNC) means
+        anything to a statx on our own fd; the guest gets every basic field and btime
+        whatever it asked for (the kernel caches the lot)."""
+        inode = self.inodes.get(nodeid)
+        st = hostsys.statx(inode.fd, b"", _STATX_NOFOLLOW | (sx_flags & AT_STATX_SYNC_TYPE),
+                           hostsys.STATX_BASIC_STATS | hostsys.STATX_BTIME | hostsys.STATX_MNT_ID)
+        mask = st.mask & (hostsys.STATX_BASIC_STATS | hostsys.STATX_BTIME)
+        return StatxAttr(self._attr(st), mask, st.btime, min(st.btime_nsec, 999_999_999),
+                         st.attributes, st.attributes_mask), self.timeout
 
     # --- ioctl, poll, bmap ---------------------------------------------------------------------
     def _any_handle_fd(self, fh: int, nodeid: int, is_dir: bool) -> int:

@@ -87,7 +87,7 @@ def to_attr(st: hostsys.Statx) -> Attr:
     capped at 999999999 and the mode keeps only the type and permission bits.
     (Unpacked once and branch-tested: this runs for every LOOKUP/GETATTR reply.)"""
     (_, mode, nlink, uid, gid, rdev, ino, size, blocks, blksize,
-     atime, ansec, mtime, mnsec, ctime, cnsec, _, _) = st
+     atime, ansec, mtime, mnsec, ctime, cnsec, _, _, _, _, _, _) = st
     if size > _S64_MAX:
         size = _S64_MAX
     if blocks > _S64_MAX:
