@@ -299,9 +299,6 @@ def test_guest_offers_fuse_7_39_or_newer(newer):
     print(f"guest FUSE {major}.{minor}; vhostfs replied minor {inits[0]['reply_minor']}")
 
 
-@pytest.mark.xfail(abi.KERNEL_MINOR_VERSION < 39, strict=True,
-                   reason="vhostfs implements FUSE 7.38 (abi.KERNEL_MINOR_VERSION) and answers INIT "
-                          "with minor 38, although it negotiates the 7.39 flag DIRECT_IO_ALLOW_MMAP")
 def test_negotiated_minor_is_39_or_newer(newer):
     inits = _inits(_main_log(newer))
     assert int(inits[0]["reply_minor"]) >= 39, inits[0]
@@ -412,7 +409,7 @@ def test_conformance_owners_and_escapes_seen_from_the_host(newer, root_results, 
     assert (newer["base"] / "outside-secret").read_text() == newer["token"] + "\n"
 
 
-# --- FUSE_STATX (7.39): a 6.6+ guest asks for the birth time even of a 7.38 server ----------
+# --- FUSE_STATX (7.39): a 6.6+ guest asks for the birth time -----------------------------
 
 def test_statx_birth_time(newer):
     """statx(STATX_BTIME) in the guest: the guest sends FUSE_STATX and gets the host

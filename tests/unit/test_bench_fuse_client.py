@@ -32,7 +32,7 @@ def test_lookup_and_unlink_names_are_nul_terminated():
 def test_init_carries_flags2_and_version():
     op = fc.encode_init(flags=fc.INIT_FLAGS | abi.FUSE_SECURITY_CTX)
     major, minor, ra, flags, flags2 = struct.unpack_from("<IIIII", op.args)
-    assert (major, minor, ra) == (7, 38, 128 << 10)
+    assert (major, minor, ra) == (7, 41, 128 << 10)
     assert flags == fc.INIT_FLAGS & 0xFFFFFFFF and flags & abi.FUSE_INIT_EXT
     assert flags2 == abi.FUSE_SECURITY_CTX >> 32
     assert len(op.args) == abi.fuse_init_in.size == 64

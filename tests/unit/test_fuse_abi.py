@@ -34,7 +34,7 @@ SIZES = {
 }
 
 CONSTANTS = [
-    "FUSE_KERNEL_VERSION", "FUSE_KERNEL_MINOR_VERSION", "FUSE_ROOT_ID",
+    "FUSE_KERNEL_VERSION", "FUSE_ROOT_ID",
     "FUSE_ASYNC_READ", "FUSE_POSIX_LOCKS", "FUSE_ATOMIC_O_TRUNC", "FUSE_EXPORT_SUPPORT",
     "FUSE_BIG_WRITES", "FUSE_DONT_MASK", "FUSE_FLOCK_LOCKS", "FUSE_AUTO_INVAL_DATA",
     "FUSE_DO_READDIRPLUS", "FUSE_READDIRPLUS_AUTO", "FUSE_ASYNC_DIO", "FUSE_WRITEBACK_CACHE",
@@ -73,6 +73,8 @@ def test_opcodes():
     assert abi.Opcode.LOOKUP == 1 and abi.Opcode.INIT == 26 and abi.Opcode.READDIRPLUS == 44
     assert abi.Opcode.RENAME2 == 45 and abi.Opcode.TMPFILE == 51
     assert abi.Opcode.STATX == abi.MAX_OPCODE == 52
+    # 7.41: the header here is 7.38; 7.39-7.41 add STATX and opt-in INIT flags only
+    assert (abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION) == (7, 41)
     # 7.39 structs (not in the 7.38 header the table above was read from)
     assert (abi.fuse_statx_in.size, abi.fuse_statx.size, abi.fuse_statx_out.size) == (24, 256, 288)
 

@@ -1,4 +1,4 @@
-"""FUSE wire ABI, protocol 7.38 (include/uapi/linux/fuse.h). Declarations only.
+"""FUSE wire ABI, protocol 7.41 (include/uapi/linux/fuse.h). Declarations only.
 
 One module-level ``struct.Struct`` per C struct, named after it (little-endian: virtio
 1.x is little-endian).  Sizes are checked against the kernel header by
@@ -10,7 +10,11 @@ import enum
 import struct
 
 KERNEL_VERSION = 7
-KERNEL_MINOR_VERSION = 38
+#: 7.39 added FUSE_STATX (served) and opt-in INIT flags (DIRECT_IO_ALLOW_MMAP, served;
+#: HAS_EXPIRE_ONLY); 7.40 and 7.41 only opt-in flags (PASSTHROUGH, NO_EXPORT_SUPPORT,
+#: HAS_RESEND, ALLOW_IDMAP) that vhostfs does not set: no request changes shape, so a
+#: 7.41 guest gets 7.41 and a 7.38 one (Linux 6.1) still 7.38.
+KERNEL_MINOR_VERSION = 41
 ROOT_ID = 1
 
 
