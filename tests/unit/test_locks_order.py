@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from test_fuse_fakes import FakeReader, FakeWriter
 from test_passthrough_locks import LockClient, _flock
 from vhostfs.fs.api import EventCancel, FileLock
-from vhostfs.fs.passthrough import PassthroughFs
 from vhostfs.fs.passthrough.locks import apply_range
 from vhostfs.fuse import abi
 from vhostfs.fuse.server import FuseServer
@@ -26,18 +25,6 @@ O = abi.Opcode
 EOF_ = (1 << 63) - 1
 W, R, U = fcntl.F_WRLCK, fcntl.F_RDLCK, fcntl.F_UNLCK
 A, B, C, D, E = 0xA, 0xB, 0xC, 0xD, 0xE
-
-
-@pytest.fixture
-def share(tmp_path):
-    d = tmp_path / "share"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def fs(share):
-    return PassthroughFs(str(share))
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 from test_fuse_fakes import FuseError
 from test_passthrough_roundtrip import Client, err
 from vhostfs.fs.api import Context
-from vhostfs.fs.passthrough import PassthroughFs
 from vhostfs.fuse import abi
 from vhostfs.fuse.server import FuseServer
 
@@ -34,11 +33,6 @@ def share(tmp_path, outside):
     os.symlink("/etc", d / "to_etc")
     os.symlink("..", d / "up")
     return d
-
-
-@pytest.fixture
-def fs(share):
-    return PassthroughFs(str(share))
 
 
 @pytest.fixture

@@ -58,13 +58,6 @@ def make(share, flags2=0xFFFFFFFF, **kw):
 OLD_KERNEL_FLAGS2 = 0xFFFFFFFF & ~(abi.FUSE_CREATE_SUPP_GROUP >> 32)
 
 
-@pytest.fixture
-def share(tmp_path):
-    d = tmp_path / "share"
-    d.mkdir()
-    return d
-
-
 # --- xattrs ------------------------------------------------------------------------------
 def test_xattr_disabled_is_enosys(share):
     c = make(share)

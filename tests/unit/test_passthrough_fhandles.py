@@ -26,13 +26,6 @@ def make(share, **kw):
     return c, fs
 
 
-@pytest.fixture
-def share(tmp_path):
-    d = tmp_path / "share"
-    d.mkdir()
-    return d
-
-
 def test_fd_count_bounded_and_reopen(share):
     for i in range(60):
         (share / f"f{i}").write_bytes(b"x" * i)

@@ -41,13 +41,6 @@ class LockClient(Client):
 
 
 @pytest.fixture
-def share(tmp_path):
-    d = tmp_path / "share"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
 def c(share):
     cl = LockClient(FuseServer(PassthroughFs(str(share))))
     cl.init()

@@ -14,7 +14,6 @@ import tracemalloc
 import pytest
 
 from test_passthrough_roundtrip import Client, err
-from vhostfs.fs.passthrough import PassthroughFs
 from vhostfs.fs.passthrough.handles import DirHandle
 from vhostfs.fuse import abi
 from vhostfs.fuse.server import FuseServer
@@ -42,11 +41,6 @@ def share(request, tmp_path):
         pytest.skip("no writable /dev/shm")
     with tempfile.TemporaryDirectory(dir=parent) as t:
         yield pathlib.Path(t)
-
-
-@pytest.fixture
-def fs(share):
-    return PassthroughFs(str(share))
 
 
 @pytest.fixture

@@ -73,18 +73,6 @@ class Client(Session):
 
 
 @pytest.fixture
-def share(tmp_path):
-    d = tmp_path / "share"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def fs(share):
-    return PassthroughFs(str(share))
-
-
-@pytest.fixture
 def c(fs):
     cl = Client(FuseServer(fs))
     cl.init()
