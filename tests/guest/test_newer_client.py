@@ -36,8 +36,8 @@ import time
 
 import pytest
 
-from test_conformance import (GUEST_LIMITS, TESTS, USER, _build, _mount_submount, _run_suite,
-                              prepare_entries)
+from test_conformance import (GUEST_LIMITS, TESTS, USER, _build, _expect, _mount_submount,
+                              _run_suite, check_guest_owners, prepare_entries)
 from vhostfs.fuse import abi
 from vhostfs.guestrun import GuestRunner
 from vhostfs.guestrun.runner import unix_socket_listening
@@ -375,37 +375,22 @@ def user_results(newer, root_results):
                                      f"--escape-token {newer['token']} /mnt/work-user")
 
 
-def _expect(results, name: str, who: str) -> None:
-    assert name in results, f"{name} did not report (crashed?): {sorted(results)}"
-    status, detail = results[name]
-    if status == "not ok" and name in NEWER_LIMITS:
-        pytest.xfail(f"{NEWER_LIMITS[name]}: {detail}")
-    if status == "skip":
-        pytest.skip(f"{who}: {detail}")
-    assert status == "ok", f"{name} as {who}: {detail}"
-    if name in NEWER_LIMITS:
-        pytest.fail(f"{name} passed but is listed in NEWER_LIMITS: update the list")
-
-
 #: Items that fail with this guest kernel for a reason outside vhostfs (none measured).
 NEWER_LIMITS: dict[str, str] = dict(GUEST_LIMITS)
 
 
 @pytest.mark.parametrize("name", TESTS)
 def test_conformance_as_root(root_results, name):
-    _expect(root_results, name, "guest root (Linux 6.12)")
+    _expect(root_results, name, "guest root (Linux 6.12)", NEWER_LIMITS)
 
 
 @pytest.mark.parametrize("name", TESTS)
 def test_conformance_as_user(user_results, name):
-    _expect(user_results, name, "uid 1000 (Linux 6.12)")
+    _expect(user_results, name, "uid 1000 (Linux 6.12)", NEWER_LIMITS)
 
 
 def test_conformance_owners_and_escapes_seen_from_the_host(newer, root_results, user_results):
-    for sub in ("work", "work-user"):
-        for name in ("file", "dir", "fifo", "sym", "masked"):
-            st = os.lstat(newer["share"] / sub / "owner" / name)
-            assert (st.st_uid, st.st_gid) == (1000, 1000), (sub, name, st.st_uid, st.st_gid)
+    check_guest_owners(newer["share"])
     assert (newer["base"] / "outside-secret").read_text() == newer["token"] + "\n"
 
 
