@@ -516,6 +516,63 @@ def test_security_label_contexts(share):
     assert _create_with_ext(plain, 1, b"i", _secctx_ext([])) == -errno.EINVAL
 
 
+def _symlink_or_mknod_with_ext(c, parent, name, ext, opcode):
+    from test_fuse_fakes import FakeReader, FakeWriter
+    if opcode == O.SYMLINK:
+        body = name + b"\0" + b"target\0"
+    else:
+        body = abi.fuse_mknod_in.pack(stat.S_IFIFO | 0o644, 0, 0, 0) + name + b"\0"
+    body += bytes(-len(body) & 7)
+    hdr = abi.fuse_in_header.pack(40 + len(body) + len(ext), opcode, 9, parent, 0, 0, 1, len(ext) // 8, 0)
+    w = FakeWriter(4096)
+    c.server.handle(FakeReader(hdr + body + ext), w)
+    return abi.fuse_out_header.unpack_from(w.buf)[1]
+
+
+def test_security_labels_are_set_before_the_name_exists(share, monkeypatch):
+    """Every create type: when the label is written, the final name does not exist
+    yet (the object is labelled under a hidden name and renamed into place); nothing
+    hidden is left behind, and an existing name is EEXIST without relabelling it."""
+    c = make(share, security_label=True)
+    try:
+        os.setxattr(share, "security.vhostfs-probe", b"x")
+    except OSError:
+        pytest.skip("the host refuses security.* xattrs")
+    fs = c.server.fs
+    seen = []
+    real_label = fs._label
+
+    def spy(ctx, target):
+        seen.append(sorted(n for n in os.listdir(share) if not n.startswith(".vhostfs-new-")))
+        real_label(ctx, target)
+    monkeypatch.setattr(fs, "_label", spy)
+    ext = _secctx_ext([(b"security.vhostfs", b"t")])
+    assert _create_with_ext(c, 1, b"f", ext) == 0
+    assert _create_with_ext(c, 1, b"d", ext, O.MKDIR) == 0
+    assert _symlink_or_mknod_with_ext(c, 1, b"l", ext, O.SYMLINK) == 0
+    assert _symlink_or_mknod_with_ext(c, 1, b"p", ext, O.MKNOD) == 0
+    assert seen == [[], ["f"], ["d", "f"], ["d", "f", "l"]]
+    for n in ("f", "d", "l", "p"):
+        assert os.getxattr(share / n, "security.vhostfs", follow_symlinks=False) == b"t", n
+    assert os.readlink(share / "l") == "target" and stat.S_ISFIFO(os.lstat(share / "p").st_mode)
+    # an existing name: EEXIST for MKDIR, the existing file opened for CREATE (no O_EXCL)
+    os.setxattr(share / "d", "security.vhostfs", b"old")
+    assert _create_with_ext(c, 1, b"d", ext, O.MKDIR) == -errno.EEXIST
+    assert os.getxattr(share / "d", "security.vhostfs") == b"old"
+    assert _create_with_ext(c, 1, b"f", _secctx_ext([(b"security.vhostfs", b"new")])) == 0
+    assert os.getxattr(share / "f", "security.vhostfs") == b"t"
+    assert not [n for n in os.listdir(share) if n.startswith(".vhostfs-new-")]
+    # a host filesystem without RENAME_NOREPLACE: made under the name, labelled after
+    from vhostfs import hostsys
+
+    def no_noreplace(*a, **kw):
+        raise OSError(errno.EINVAL, "RENAME_NOREPLACE unsupported")
+    monkeypatch.setattr(hostsys, "renameat2", no_noreplace)
+    assert _create_with_ext(c, 1, b"d2", ext, O.MKDIR) == 0
+    assert os.getxattr(share / "d2", "security.vhostfs") == b"t"
+    assert not [n for n in os.listdir(share) if n.startswith(".vhostfs-new-")]
+
+
 # --- FUSE_STATX (7.39) -------------------------------------------------------------------
 def test_statx_reports_birth_time_and_translated_ids(share):
     from vhostfs import hostsys

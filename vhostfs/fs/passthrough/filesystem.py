@@ -23,6 +23,7 @@ import enum
 import errno
 import fcntl
 import os
+import secrets
 import stat
 
 from vhostfs import hostsys
@@ -380,26 +381,62 @@ class PassthroughFs(ExtrasMixin, FileSystem):
 
     def _label(self, ctx: Context, target: str | int) -> None:
         """--security-label: give a new object the security contexts the guest's LSM
-        chose (FUSE_SECURITY_CTX).  Only ``security.*`` names are accepted (a guest
-        must not reach trusted.* or user.* through this path); --xattrmap applies.
-        Set after the creation, with the daemon's credentials (not atomic with it)."""
+        chose (FUSE_SECURITY_CTX), with the daemon's credentials.  Only ``security.*``
+        names are accepted (a guest must not reach trusted.* or user.* through this
+        path); --xattrmap applies.  ``target``: an open fd, or a path whose last
+        component is the object itself (never followed: it may be a symlink)."""
         for name, value in ctx.secctx if self.security_label else ():
             if not name.startswith(b"security."):
                 raise OSError(errno.EPERM, "security context name outside security.*")
             host = self.xattrmap.to_host(name) if self.xattrmap is not None else name
-            os.setxattr(target, host, value)
+            if isinstance(target, int):
+                os.setxattr(target, host, value)
+            else:
+                os.setxattr(target, host, value, follow_symlinks=False)
 
-    def _new_entry(self, parent: Inode, name: bytes, wanted_mode: int | None,
-                   ctx: Context | None = None) -> Entry:
+    def _create_named(self, ctx: Context, p: Inode, name: bytes, make, remove):
+        """``make(n)`` creates the object ``n`` in ``p`` (as the caller); returns its
+        result (CREATE's fd).  With security contexts to set, the object never exists
+        under ``name`` without them -- a guest LSM that reads the label right after
+        the creation must not see an unlabelled file -- so it is made under a unique
+        hidden name, labelled, and moved onto ``name`` with RENAME_NOREPLACE (EEXIST
+        as for a plain creation).  The guest itself cannot list the hidden name: its
+        VFS holds the parent locked across the creation.  Where the host filesystem
+        lacks RENAME_NOREPLACE (EINVAL), the object is made under ``name`` and
+        labelled after."""
+        if not (self.security_label and ctx.secctx):
+            return self._create_as_caller(ctx, p, lambda: make(name))
+        tmp = b".vhostfs-new-" + secrets.token_hex(8).encode()
+        result = self._create_as_caller(ctx, p, lambda: make(tmp))
+        try:
+            self._label(ctx, result if isinstance(result, int)
+                        else f"{inodes.PROC_SELF_FD}/{p.fd}/{tmp.decode()}")
+            hostsys.renameat2(p.fd, tmp, p.fd, name, hostsys.RENAME_NOREPLACE)
+            return result
+        except BaseException as e:
+            if isinstance(result, int):
+                os.close(result)
+            try:
+                remove(tmp, dir_fd=p.fd)
+            except OSError:
+                pass
+            if not (isinstance(e, OSError) and e.errno == errno.EINVAL):
+                raise
+        result = self._create_as_caller(ctx, p, lambda: make(name))
+        try:
+            self._label(ctx, result if isinstance(result, int)
+                        else f"{inodes.PROC_SELF_FD}/{p.fd}/{name.decode('utf-8', 'surrogateescape')}")
+        except BaseException:
+            if isinstance(result, int):
+                os.close(result)
+            remove(name, dir_fd=p.fd)
+            raise
+        return result
+
+    def _new_entry(self, parent: Inode, name: bytes, wanted_mode: int | None) -> Entry:
         """After a create-type op: look the new name up (+1); restore mode bits the
         daemon's process umask stripped."""
         entry = self._lookup_in(parent, name)
-        if ctx is not None and ctx.secctx:
-            try:
-                self._label(ctx, self.inodes.get(entry.nodeid).proc_path)
-            except BaseException:
-                self.inodes.forget(entry.nodeid, 1)
-                raise
         if wanted_mode is not None and wanted_mode & self._proc_umask and not self._default_acl(parent):
             inode = self.inodes.get(entry.nodeid)
             if inode.ftype != stat.S_IFLNK:
@@ -539,8 +576,8 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         self._plain_name(name)
         if not target or b"\0" in target:
             raise OSError(errno.EINVAL, "invalid symlink target")
-        self._create_as_caller(ctx, p, lambda: os.symlink(target, name, dir_fd=p.fd))
-        return self._new_entry(p, name, None, ctx)
+        self._create_named(ctx, p, name, lambda n: os.symlink(target, n, dir_fd=p.fd), os.unlink)
+        return self._new_entry(p, name, None)
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
         p = self._dir(parent)
@@ -556,17 +593,18 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         dev = os.makedev(((rdev >> 8) & 0xFFF), (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)) \
             if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
-        self._create_as_caller(
-            ctx, p, lambda: os.mknod(name, (kind or stat.S_IFREG) | perm, dev, dir_fd=p.fd))
-        return self._new_entry(p, name, perm, ctx)
+        self._create_named(
+            ctx, p, name, lambda n: os.mknod(n, (kind or stat.S_IFREG) | perm, dev, dir_fd=p.fd),
+            os.unlink)
+        return self._new_entry(p, name, perm)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
         p = self._dir(parent)
         self._writable()
         self._plain_name(name)
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
-        self._create_as_caller(ctx, p, lambda: os.mkdir(name, perm, dir_fd=p.fd))
-        return self._new_entry(p, name, perm, ctx)
+        self._create_named(ctx, p, name, lambda n: os.mkdir(n, perm, dir_fd=p.fd), os.rmdir)
+        return self._new_entry(p, name, perm)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         p = self._dir(parent)
@@ -710,14 +748,8 @@ class PassthroughFs(ExtrasMixin, FileSystem):
         host_flags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         perm = mode & 0o7777 & ~self._umask_for(ctx, p)
         try:
-            fd = self._create_as_caller(
-                ctx, p, lambda: os.open(name, host_flags, perm, dir_fd=p.fd))
-            try:
-                self._label(ctx, fd)
-            except BaseException:
-                os.close(fd)
-                os.unlink(name, dir_fd=p.fd)
-                raise
+            fd = self._create_named(
+                ctx, p, name, lambda n: os.open(n, host_flags, perm, dir_fd=p.fd), os.unlink)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
