@@ -191,3 +191,46 @@ def test_error_before_any_byte_raises_and_consumes_nothing():
     with pytest.raises(OSError):
         r.write_to_fd(-1, 3, 0)
     assert r.remaining == 3
+
+
+def test_read_from_fd_within_one_view(tmpfd, monkeypatch):
+    """The one-view fast path (a READ after its header): EOF, short reads resumed, an
+    error before any byte raises, after some bytes returns the count."""
+    data = bytes(range(200))
+    os.pwrite(tmpfd, data, 0)
+    buf = bytearray(300)
+    w = Writer([memoryview(buf)])
+    w.write(b"h" * 16)
+    assert w.read_from_fd(tmpfd, 100, 50) == 100 and w.written == 116
+    assert w.read_from_fd(tmpfd, 100, 150) == 50 and w.written == 166   # EOF
+    assert bytes(buf[16:166]) == data[50:200]
+    assert w.read_from_fd(tmpfd, 10, 500) == 0 and w.written == 166
+    with pytest.raises(OSError):
+        w.read_from_fd(-1, 10, 0)
+    assert w.written == 166
+    calls = []
+    real = os.preadv
+
+    def dribble(fd, views, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(5, "EIO")
+        tmp = bytearray(min(7, len(views[0])))
+        n = real(fd, [tmp], offset)
+        views[0][:n] = tmp[:n]
+        return n
+    monkeypatch.setattr(os, "preadv", dribble)
+    w2 = Writer([memoryview(bytearray(100))])
+    assert w2.read_from_fd(tmpfd, 50, 0) == 14 and w2.written == 14    # error after 14 bytes
+    w3 = Writer([memoryview(bytearray(40))])
+    calls.clear()
+    calls.extend([0, 0, 0, 0])                                           # no more errors
+    assert w3.read_from_fd(tmpfd, 40, 0) == 40 and w3.written == 40 and w3.remaining == 0
+
+
+def test_reader_skip_within_and_across_views():
+    r = Reader(split_views(b"abcdefghij", [4, 6]))
+    r.skip(2)
+    assert r.read(1) == b"c" and r.remaining == 7
+    r.skip(3)                   # crosses into the second view
+    assert r.read(4) == b"ghij" and r.remaining == 0
