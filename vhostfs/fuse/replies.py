@@ -20,15 +20,33 @@ def split_timeout(seconds: float) -> tuple[int, int]:
     return sec, min(int((seconds - sec) * 1_000_000_000), 999_999_999)
 
 
+#: (entry timeout, attr timeout) -> (entry sec, attr sec, entry nsec, attr nsec): a
+#: filesystem uses one or two timeouts, and every LOOKUP/READDIRPLUS entry packs them.
+_timeouts: dict[tuple[float, float], tuple[int, int, int, int]] = {}
+
+
+def _entry_timeouts(entry_timeout: float, attr_timeout: float) -> tuple[int, int, int, int]:
+    key = (entry_timeout, attr_timeout)
+    got = _timeouts.get(key)
+    if got is None:
+        es, ens = split_timeout(entry_timeout)
+        at, ans = split_timeout(attr_timeout)
+        got = (es, at, ens, ans)
+        if len(_timeouts) < 64:   # a filesystem computing timeouts per entry stays bounded
+            _timeouts[key] = got
+    return got
+
+
 def attr_values(a: Attr) -> tuple:
     return (a.ino, a.size, a.blocks, a.atime, a.mtime, a.ctime, a.atimensec, a.mtimensec,
             a.ctimensec, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.blksize, a.flags)
 
 
 def entry_values(e: Entry) -> tuple:
-    es, ens = split_timeout(e.entry_timeout)
-    at, ans = split_timeout(e.attr_timeout)
-    return (e.nodeid, e.generation, es, at, ens, ans) + attr_values(e.attr)
+    a = e.attr
+    return (e.nodeid, e.generation, *_entry_timeouts(e.entry_timeout, e.attr_timeout),
+            a.ino, a.size, a.blocks, a.atime, a.mtime, a.ctime, a.atimensec, a.mtimensec,
+            a.ctimensec, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.blksize, a.flags)
 
 
 def entry_out(e: Entry) -> bytes:
@@ -36,8 +54,10 @@ def entry_out(e: Entry) -> bytes:
 
 
 def attr_out(a: Attr, timeout: float) -> bytes:
-    sec, nsec = split_timeout(timeout)
-    return _attr_out.pack(sec, nsec, 0, *attr_values(a))
+    _, sec, _, nsec = _entry_timeouts(timeout, timeout)
+    return _attr_out.pack(sec, nsec, 0, a.ino, a.size, a.blocks, a.atime, a.mtime, a.ctime,
+                          a.atimensec, a.mtimensec, a.ctimensec, a.mode, a.nlink, a.uid, a.gid,
+                          a.rdev, a.blksize, a.flags)
 
 
 def statx_out(sx: StatxAttr, timeout: float) -> bytes:
