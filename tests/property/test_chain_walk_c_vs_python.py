@@ -20,17 +20,28 @@ SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 _MEM = None
+_REAL = None
 
 
 def memory() -> FakeGuestMemory:
-    global _MEM
+    global _MEM, _REAL
     if _MEM is None or _MEM._bump[0] > MAIN_SIZE - (2 << 20) \
             or _MEM._stripe_ptr > _MEM.stripe_end - (256 << 10) \
             or _MEM._bump[FAR_BASE] > FAR_BASE + FAR_SIZE - (256 << 10):
         if _MEM is not None:
             _MEM.close()
         _MEM = FakeGuestMemory.default(stripe_region=16 << 10, stripe_count=128)
+        _REAL = None
     return _MEM
+
+
+def real_memory() -> GuestMemory:
+    """The daemon's GuestMemory over the same regions as memory() (mapped once)."""
+    global _REAL
+    mem = memory()
+    if _REAL is None:
+        _REAL = GuestMemory.from_table(mem.table())
+    return _REAL
 
 
 def _ranges(views) -> list[tuple[int, int]]:
@@ -69,16 +80,20 @@ chunk = st.binary(min_size=0, max_size=3000)
 
 @SETTINGS
 @given(readable=st.lists(chunk, max_size=6), writable=st.lists(st.integers(0, 5000), max_size=6),
-       indirect=st.booleans(), straddle=st.booleans(), far=st.booleans(), data=st.data())
-def test_well_formed_chains_agree(readable, writable, indirect, straddle, far, data):
+       indirect=st.booleans(), straddle=st.booleans(), far=st.booleans(), real=st.booleans(),
+       data=st.data())
+def test_well_formed_chains_agree(readable, writable, indirect, straddle, far, real, data):
     if not (readable or writable) or (straddle and far):
         return
     drv = Driver(memory(), 16)
-    q = drv.device_queue()
+    q = drv.device_queue(memory=real_memory() if real else None)
     prefix = data.draw(st.integers(0, len(readable) + len(writable))) if indirect else 0
     head = drv.add_chain(readable, writable, indirect=indirect, direct_prefix=prefix,
                          straddle=straddle, far=far)
     assert_walks_agree(q, [head])
+    chain = q._walker.walk(head)
+    assert b"".join(bytes(v) for v in chain.readable) == b"".join(readable)
+    assert sum(map(len, chain.writable)) == chain.writable_len == sum(writable)
 
 
 addresses = st.one_of(st.integers(0, MAIN_SIZE - 1), st.integers(FAR_BASE - 64, FAR_BASE + FAR_SIZE),
@@ -97,7 +112,7 @@ flags = st.integers(0, 7)
 def test_hostile_tables_agree(size, data):
     """Random descriptor tables, indirect tables (some straddling regions) and heads."""
     drv = Driver(memory(), size)
-    q = drv.device_queue()
+    q = drv.device_queue(memory=real_memory() if data.draw(st.booleans()) else None)
     for i in range(size):
         drv.write_desc(i, data.draw(addresses), data.draw(lengths), data.draw(flags),
                        data.draw(st.integers(0, size) | st.integers(0, 0xFFFF)))
