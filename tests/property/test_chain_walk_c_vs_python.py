@@ -185,3 +185,16 @@ def test_segment_array_overflow_falls_back_to_the_python_walk():
         assert chain.readable_len == 20 * 4096 and len(chain.readable) == 20
     finally:
         mem.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory():
+    """The shared fake memory holds ~130 memfds (and a real mapping as many dups):
+    give them back when this module is done, not at the end of the session (the
+    process would otherwise carry them into every later test)."""
+    yield
+    global _MEM, _REAL
+    if _MEM is not None:
+        _MEM.close()
+    _MEM = None
+    _REAL = None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from tests.support.driver import (
@@ -182,3 +184,15 @@ def test_hostile_tables_never_crash(size, data):
         assert sum(len(v) for v in chain.readable) == chain.readable_len
         assert sum(len(v) for v in chain.writable) == chain.writable_len
         q.add_used(chain.head, 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory():
+    """The shared fake memory holds ~130 memfds (and a real mapping as many dups):
+    give them back when this module is done, not at the end of the session (the
+    process would otherwise carry them into every later test)."""
+    yield
+    global _MEM
+    if _MEM is not None:
+        _MEM.close()
+    _MEM = None
