@@ -185,14 +185,14 @@ def markdown(doc: dict) -> str:
     rss = doc.get("rss") or []
     if rss:
         lines += ["## RSS after N distinct LOOKUPs (issue 7 target for vhostfs: < 150 MiB at 100,000)", ""]
-        rows = [[x["backend"], fmt(x.get("inodes_wanted")), fmt(x.get("inodes_looked_up")),
+        rows = [[x["backend"], x.get("args", "-"), fmt(x.get("inodes_wanted")), fmt(x.get("inodes_looked_up")),
                  fmt(x.get("rss_after_init_mib"), 1), fmt(x.get("rss_mib"), 1), fmt(x.get("peak_rss_mib"), 1),
                  fmt(x.get("anon_rss_mib"), 1),
                  fmt(x.get("rss_mib_per_1000_inodes"), 2),
                  ("~" + fmt(x["rss_extrapolated_mib"], 0)) if "rss_extrapolated_mib" in x else "-",
                  fmt(x.get("open_fds")), " / ".join(x.get("nofile_limit", [])) or "-",
                  _status(x)] for x in rss]
-        lines += _table(["backend", "wanted", "looked up", "RSS after INIT MiB", "RSS MiB",
+        lines += _table(["backend", "inode references", "wanted", "looked up", "RSS after INIT MiB", "RSS MiB",
                          "peak RSS MiB", "anon RSS MiB", "MiB / 1,000 inodes", "estimate at wanted MiB",
                          "open fds", "nofile soft / hard", "status"], rows) + [""]
         if any("rss_extrapolated_mib" in x for x in rss):
