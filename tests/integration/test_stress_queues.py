@@ -86,7 +86,11 @@ def ok(r: fc.Reply) -> fc.Reply:
 def saturate(gate: Gate, ch: fc.RingChannel, nodeid: int, n: int) -> list[int]:
     """``n`` GETATTRs of the gated node: POOL of them occupy the pool, the rest queue."""
     gate.nodeid, gate.expect = nodeid, POOL
-    us = [ch.submit(fc.encode_getattr(nodeid)) for _ in range(n)]
+    # Published together: a request that finds the pool idle and nothing behind it is
+    # served inline on the queue thread (runtime/queue.py), so one published alone
+    # could hold the queue thread at the gate instead of filling the pool.
+    us = [ch.submit(fc.encode_getattr(nodeid), publish=False) for _ in range(n)]
+    ch.publish()
     assert gate.all_waiting.wait(BOUND), "the pool never filled up"
     return us
 
