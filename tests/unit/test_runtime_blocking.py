@@ -7,7 +7,6 @@ fails loudly: a deadlock shows up as a failed assertion, never as a hung run.
 """
 from __future__ import annotations
 
-import os
 import select
 import threading
 
@@ -26,15 +25,6 @@ def readable(fd: int, timeout_ms: int) -> bool:
     p = select.poll()
     p.register(fd, select.POLLIN)
     return bool(p.poll(timeout_ms))
-
-
-@pytest.fixture
-def fds():
-    kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    yield kick_fd, call_fd
-    os.close(kick_fd)
-    os.close(call_fd)
 
 
 def ident(reader) -> int:

@@ -2,7 +2,6 @@
 and nothing waits behind them; everything else on the pool or a dedicated thread."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -11,15 +10,6 @@ import pytest
 from tests.unit.test_runtime_queue import FakeChain, FakeQueue, kick, wait_for
 from vhostfs.runtime import queue as rq
 from vhostfs.runtime.queue import QueueRunner
-
-
-@pytest.fixture
-def fds():
-    kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    yield kick_fd, call_fd
-    os.close(kick_fd)
-    os.close(call_fd)
 
 
 class Recorder:

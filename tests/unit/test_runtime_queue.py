@@ -98,15 +98,6 @@ def wait_for(pred, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.fixture
-def fds():
-    kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    yield kick_fd, call_fd
-    os.close(kick_fd)
-    os.close(call_fd)
-
-
 @pytest.mark.parametrize("pool", [0, 1, 8])
 def test_every_chain_completed_exactly_once(fds, pool):
     kick_fd, call_fd = fds
