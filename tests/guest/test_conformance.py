@@ -99,10 +99,9 @@ def _mount_submount(path: pathlib.Path) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory):
-    """base/outside-secret (the escape target), base/share/{work,work-user,submount,...}."""
-    base = tmp_path_factory.mktemp("conformance")
+def build_layout(base: pathlib.Path, root_entries: int, user_entries: int = 2000) -> dict:
+    """base/outside-secret (the escape target), base/share/{work,work-user,submount,...}
+    and the suite binary; the caller unmounts share/submount when ``mounted``."""
     os.chmod(base, 0o755)
     token = "ESCAPE-" + secrets.token_hex(8)
     secret = base / "outside-secret"
@@ -118,13 +117,19 @@ def layout(tmp_path_factory):
     (share / "host-rel-link").symlink_to("../outside-secret")
     (share / "host-abs-link-dir").symlink_to(base)
     _build(share / "conformance")
-    prepare_entries(share / "work" / "readdir10k", 10000)
-    prepare_entries(user_dir / "readdir10k", 2000, owner=(1000, 1000))
+    prepare_entries(share / "work" / "readdir10k", root_entries)
+    prepare_entries(user_dir / "readdir10k", user_entries, owner=(1000, 1000))
     mounted = _mount_submount(share / "submount")
-    before = {p.name: p.stat().st_mtime_ns for p in base.iterdir()}
-    yield dict(base=base, share=share, secret=secret, token=token, before=before)
-    if mounted:
-        subprocess.run(["umount", "-l", str(share / "submount")], check=False)
+    return dict(base=base, share=share, secret=secret, token=token, mounted=mounted)
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    lay = build_layout(tmp_path_factory.mktemp("conformance"), 10000)
+    lay["before"] = {p.name: p.stat().st_mtime_ns for p in lay["base"].iterdir()}
+    yield lay
+    if lay["mounted"]:
+        subprocess.run(["umount", "-l", str(lay["share"] / "submount")], check=False)
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,14 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import secrets
 import subprocess
 import sys
 import time
 
 import pytest
 
-from test_conformance import (GUEST_LIMITS, TESTS, USER, _build, _expect, _mount_submount,
-                              _run_suite, check_guest_owners, prepare_entries)
+from test_conformance import (GUEST_LIMITS, TESTS, USER, _expect, _run_suite, build_layout,
+                              check_guest_owners)
 from vhostfs.fuse import abi
 from vhostfs.guestrun import GuestRunner
 from vhostfs.guestrun.runner import unix_socket_listening
@@ -198,28 +197,13 @@ class _Extra:
 def newer(tmp_path_factory):
     kernel_root = _fetch_kernel()
     base = tmp_path_factory.mktemp("newer-client")
-    os.chmod(base, 0o755)
+    # main share: the conformance layout of test_conformance.py (smaller readdir) + supp-group dirs
+    lay = build_layout(base, ENTRIES, ENTRIES)
+    share, token, mounted = lay["share"], lay["token"], lay["mounted"]
     probe = base / "probe.py"
     probe.write_text(PROBE_PY.replace("@REPO@", repr(str(REPO))))
-    # main share: the conformance layout of test_conformance.py (smaller readdir) + supp-group dirs
-    token = "ESCAPE-" + secrets.token_hex(8)
-    (base / "outside-secret").write_text(token + "\n")
-    share = base / "share"
-    share.mkdir(mode=0o755)
-    os.chmod(share, 0o755)
-    (share / "work").mkdir(mode=0o755)
-    user_dir = share / "work-user"
-    user_dir.mkdir(mode=0o755)
-    os.chown(user_dir, 1000, 1000)
-    (share / "host-abs-link").symlink_to(base / "outside-secret")
-    (share / "host-rel-link").symlink_to("../outside-secret")
-    (share / "host-abs-link-dir").symlink_to(base)
-    _build(share / "conformance")
     subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(share / "nchelper"), "-x", "c", "-"],
                    input=HELPER_C.encode(), check=True)
-    prepare_entries(share / "work" / "readdir10k", ENTRIES)
-    prepare_entries(user_dir / "readdir10k", ENTRIES, owner=(1000, 1000))
-    mounted = _mount_submount(share / "submount")
     (share / "born").write_bytes(b"x" * 1234)
     sg = share / "sg"
     sg.mkdir(mode=0o755)
