@@ -23,7 +23,10 @@ ffibuilder = FFI()
 ffibuilder.cdef(_parts(".h"))
 ffibuilder.set_source(
     "vhostfs._hostsys",
-    _parts(".c"),  # Python.h already defines _GNU_SOURCE
+    # The .h parts are plain C too: compiled ahead of the .c parts, they are the one
+    # definition of the shared structs and constants, and every definition is checked
+    # against its declaration.  (Python.h already defines _GNU_SOURCE.)
+    "#include <stdint.h>\n" + _parts(".h") + "\n" + _parts(".c"),
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )
 

@@ -22,44 +22,8 @@ uintptr_t vhs_buffer_address(char *buf)
     return (uintptr_t)buf;
 }
 
-/* ---- descriptor chain walk (virtio 1.2 2.7.4, 2.7.5; rules in virtqueue/chain.py) ---- */
-
-struct vhs_region {
-    uint64_t gpa;
-    uint64_t size;
-    uintptr_t host;
-};
-
-struct vhs_walker {
-    const struct vhs_region *regions;
-    uint32_t nregions;
-    uint32_t size;            /* queue size: descriptors in the table at desc */
-    uintptr_t desc;           /* host address of the descriptor table */
-    unsigned char *scratch;   /* VHS_MAX_INDIRECT * 16 bytes: a table split across regions */
-    uint64_t *segs;           /* 3 * cap u64 */
-    uint32_t cap;
-    /* results */
-    uint32_t nreadable;
-    uint32_t nsegs;
-    uint64_t readable_len;
-    uint64_t writable_len;
-    uint64_t err_a;
-    uint64_t err_b;
-    uint64_t err_c;
-};
-
-#define VHS_MAX_INDIRECT 4096
-#define VHS_CHAIN_OK 0
-#define VHS_CHAIN_NEXT_RANGE 1      /* a=index b=limit c=in_indirect */
-#define VHS_CHAIN_TOO_LONG 2        /* b=limit c=in_indirect */
-#define VHS_CHAIN_NESTED 3
-#define VHS_CHAIN_INDIRECT_NEXT 4
-#define VHS_CHAIN_INDIRECT_LEN 5    /* a=len */
-#define VHS_CHAIN_MEMORY 6          /* a=gpa b=len */
-#define VHS_CHAIN_READ_AFTER_WRITE 7
-#define VHS_CHAIN_TOTAL 8           /* a=total */
-#define VHS_CHAIN_FULL 9            /* more segments than cap: use the Python walk */
-
+/* ---- descriptor chain walk (virtio 1.2 2.7.4, 2.7.5; rules in virtqueue/chain.py) ----
+ * struct vhs_region, struct vhs_walker and VHS_CHAIN_* are in 00_ring.h. */
 
 #define VHS_F_NEXT 1
 #define VHS_F_WRITE 2

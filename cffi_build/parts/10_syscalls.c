@@ -8,19 +8,7 @@
 #include <sys/sysmacros.h>
 #include <linux/openat2.h>
 
-#define VHS_STATX_BASIC_STATS 0x7ff
-#define VHS_STATX_MNT_ID 0x1000
-#define VHS_STATX_BTIME 0x800
-#define VHS_RESOLVE_NO_XDEV 0x01
-#define VHS_RESOLVE_NO_MAGICLINKS 0x02
-#define VHS_RESOLVE_NO_SYMLINKS 0x04
-#define VHS_RESOLVE_BENEATH 0x08
-#define VHS_RESOLVE_IN_ROOT 0x10
-#define VHS_RENAME_NOREPLACE 1
-#define VHS_RENAME_EXCHANGE 2
-#define VHS_RENAME_WHITEOUT 4
-#define VHS_UTIME_NOW 1073741823
-#define VHS_UTIME_OMIT 1073741822
+/* VHS_STATX_*, VHS_RESOLVE_*, VHS_RENAME_*, VHS_UTIME_*: 10_syscalls.h */
 
 #ifndef SYS_openat2
 #define SYS_openat2 437
