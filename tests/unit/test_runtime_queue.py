@@ -200,3 +200,27 @@ def test_handler_exception_does_not_kill_worker(fds):
     wait_for(lambda: len(q.used) == 2)
     runner.stop()
     assert sorted(q.used) == [(1, 0), (2, 0)]
+
+
+def test_notification_owed_without_call_fd_is_sent_on_the_new_one(fds):
+    """A ring started before its SET_VRING_CALL (the frontend enables it first) completes
+    requests with no call fd: the interrupt they were due arrives with the fd.  Dropping
+    it left the driver asleep on a used ring that already held its reply (the 5 s stall
+    test_end_to_end_requests_through_rings met now and then)."""
+    kick_fd, call_fd = fds
+    q = FakeQueue()
+    q.push(FakeChain(7))
+    runner = QueueRunner(1, q, kick_fd, None, echo_handler(), 2)
+    runner.start()
+    try:
+        wait_for(lambda: len(q.used) == 1)
+        p = select.poll()
+        p.register(call_fd, select.POLLIN)
+        assert not p.poll(0)
+        runner.set_call_fd(call_fd)
+        assert p.poll(0), "the owed used-buffer notification was dropped"
+        assert os.eventfd_read(call_fd) == 1
+        runner.set_call_fd(call_fd)            # nothing owed any more: no spurious one
+        assert not p.poll(0)
+    finally:
+        runner.stop()

@@ -133,6 +133,7 @@ class QueueRunner:
         self._inflight = 0
         self._pooled = 0          # requests handed to the pool and not finished yet
         self.served_inline = 0    # requests served inline on the queue thread (a statistic)
+        self._call_owed = False   # a notification was due while call_fd was None
         self._dedicated: set[CancelToken] = set()
         self._idle = threading.Condition(self.lock)
         self.thread = threading.Thread(target=self._run, name=f"vq{index}", daemon=True)
@@ -330,8 +331,16 @@ class QueueRunner:
             return
         try:
             self.queue.add_used(head, written)
-            if self.call_fd is not None and self.queue.needs_notification():
-                os.eventfd_write(self.call_fd, 1)
+            if self.queue.needs_notification():
+                if self.call_fd is not None:
+                    os.eventfd_write(self.call_fd, 1)
+                else:
+                    # No call fd yet (a ring may start on SET_VRING_ENABLE before its
+                    # SET_VRING_CALL, or run with the fd cleared): the driver is owed
+                    # this interrupt, and set_call_fd delivers it.  Dropping it would
+                    # leave a driver that re-enabled callbacks asleep on a completion
+                    # already in the used ring (virtio 1.2 §2.7.7.2).
+                    self._call_owed = True
         except (QueueBroken, GuestMemoryError, ValueError) as exc:
             self._break_locked("virtqueue broken while completing", exc)
 
@@ -342,8 +351,20 @@ class QueueRunner:
     # -- control from the vhost-user thread ----------------------------------------------
 
     def set_call_fd(self, call_fd: int | None) -> None:
+        """Switch the call eventfd of the running ring (SET_VRING_CALL).
+
+        A notification owed while there was no call fd is sent on the new one at once.
+        A notification written to the old fd stays there: QEMU reads the fd it masked
+        when it unmasks (vhost_virtqueue_mask / guest_notifier_pending).
+        """
         with self.lock:
             self.call_fd = call_fd
+            if call_fd is not None and self._call_owed:
+                self._call_owed = False
+                try:
+                    os.eventfd_write(call_fd, 1)
+                except OSError as exc:
+                    log.warning("cannot signal the new call fd", queue=self.index, error=str(exc))
 
     def attach_memory(self, memory) -> None:
         """Re-resolve the ring addresses in a new memory table snapshot."""
