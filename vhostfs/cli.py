@@ -166,7 +166,9 @@ S, F, P, L, X, M, C, I = SECTIONS  # noqa: E741 - short section names for the ta
       help="Same as --translate-uid, for GIDs.")
 # -- performance ---------------------------------------------------------------------------
 @_opt("--thread-pool-size", section=P, type=int, default=4, show_default=True,
-      help="Worker threads per request queue (0 = serve on the queue's own thread).")
+      help="Worker threads per request queue, for bulk (UNLINK, READDIRPLUS...) and "
+           "large (> 128 KiB) requests; quick ones are served on the queue's own thread "
+           "(0 = everything there).")
 # -- logging -------------------------------------------------------------------------------
 @_opt("--log-level", section=L, type=click.Choice(LOG_LEVELS), default="info", show_default=True,
       help="debug and trace add one line per vhost-user message and per FUSE request.")

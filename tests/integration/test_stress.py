@@ -36,6 +36,7 @@ from tests.support.driver import Driver, FakeGuestMemory
 from tests.support.frontend import Frontend, MemfdRam
 from vhostfs.config import Config
 from vhostfs.fuse import abi
+from vhostfs.fuse.blocking import BULK
 from vhostfs.runtime.daemon import Daemon
 from vhostfs.vhost_user import messages as vm
 from vhostfs.vhost_user import transport
@@ -54,17 +55,28 @@ NAMES = [f"n{i:03d}" for i in range(32)]
 
 class Shuffle:
     """Wraps the FuseServer: a random delay before a third of the requests, so replies
-    complete in an order unrelated to the submission order."""
+    complete in an order unrelated to the submission order.  The delayed ones are
+    routed to the worker pool (``BULK``), as a slow request would be: a quick one is
+    served inline on the queue thread, in ring order."""
 
     def __init__(self, server, seed: int) -> None:
         self.server = server
-        self.may_block = server.may_block
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._delay: dict[int, float] = {}      # id(reader) -> seconds
+
+    def may_block(self, reader):
+        key = self.server.may_block(reader)
+        with self._lock:
+            delay = self._rng.random() * 0.0006 if self._rng.random() < 0.33 else 0.0
+            if delay and key is None:
+                self._delay[id(reader)] = delay
+                return BULK
+        return key
 
     def handle(self, reader, writer, cancel=None):
         with self._lock:
-            delay = self._rng.random() * 0.0006 if self._rng.random() < 0.33 else 0.0
+            delay = self._delay.pop(id(reader), 0.0)
         if delay:
             time.sleep(delay)
         if cancel is None:

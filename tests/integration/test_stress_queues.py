@@ -3,8 +3,11 @@ INTERRUPT) never waits behind request-queue work, and each request queue of a
 multiqueue device has its own thread and pool, so a saturated queue does not hold up
 another one.
 
-The request-queue work is made slow on purpose and deterministically: GETATTR of one
-file blocks in the filesystem until the test opens a gate.  Every wait is bounded.
+The request-queue work is made slow on purpose and deterministically: UNLINK of the
+"gated*" files blocks in the filesystem until the test opens a gate.  UNLINK is a bulk
+request (fuse/blocking.py), served on the queue's pool, so the gated ones occupy the pool
+and the rest wait in it; quick requests would be served inline on the queue thread.
+Every wait is bounded.
 """
 from __future__ import annotations
 
@@ -21,41 +24,42 @@ from vhostfs.fuse import abi
 from vhostfs.vhost_user import messages as vm
 
 POOL = 2
+GATED = POOL + 4
 
 
 class Gate:
-    """Wraps fs.getattr: GETATTR of ``nodeid`` waits until ``open()``."""
+    """Wraps fs.unlink: UNLINK of a name starting with ``gated`` waits until ``opened``."""
 
     def __init__(self, fs) -> None:
-        self.fs_getattr = fs.getattr
-        self.nodeid = None
+        self.fs_unlink = fs.unlink
         self.opened = threading.Event()
         self.lock = threading.Lock()
         self.waiting = 0
         self.all_waiting = threading.Event()
         self.expect = 0
 
-    def getattr(self, ctx, nodeid, fh):
-        if nodeid == self.nodeid:
+    def unlink(self, ctx, parent, name):
+        if name.startswith(b"gated"):
             with self.lock:
                 self.waiting += 1
                 if self.waiting >= self.expect:
                     self.all_waiting.set()
             assert self.opened.wait(BOUND), "gate never opened"
-        return self.fs_getattr(ctx, nodeid, fh)
+        return self.fs_unlink(ctx, parent, name)
 
 
 @pytest.fixture
 def device(tmp_path):
     share = tmp_path / "share"
     share.mkdir()
-    (share / "slow").write_bytes(b"s")
+    for i in range(GATED):
+        (share / f"gated{i}").write_bytes(b"s")
     for i in range(8):
         (share / f"f{i}").write_bytes(b"x")
     sock = str(tmp_path / "q.sock")
     backend = Backend(share, sock, None, pool=POOL, queues=4)
     gate = Gate(backend.daemon.fs)
-    backend.daemon.fs.getattr = gate.getattr
+    backend.daemon.fs.unlink = gate.unlink
     fe = Frontend.connect(sock)
     fe.init(5)
     mem = FakeGuestMemory([(0, 32 << 20)])
@@ -83,14 +87,10 @@ def ok(r: fc.Reply) -> fc.Reply:
     return r
 
 
-def saturate(gate: Gate, ch: fc.RingChannel, nodeid: int, n: int) -> list[int]:
-    """``n`` GETATTRs of the gated node: POOL of them occupy the pool, the rest queue."""
-    gate.nodeid, gate.expect = nodeid, POOL
-    # Published together: a request that finds the pool idle and nothing behind it is
-    # served inline on the queue thread (runtime/queue.py), so one published alone
-    # could hold the queue thread at the gate instead of filling the pool.
-    us = [ch.submit(fc.encode_getattr(nodeid), publish=False) for _ in range(n)]
-    ch.publish()
+def saturate(gate: Gate, ch: fc.RingChannel) -> list[int]:
+    """UNLINKs of the GATED gated files: POOL of them occupy the pool, the rest queue."""
+    gate.expect = POOL
+    us = [ch.submit(fc.encode_unlink(abi.ROOT_ID, f"gated{i}")) for i in range(GATED)]
     assert gate.all_waiting.wait(BOUND), "the pool never filled up"
     return us
 
@@ -100,9 +100,8 @@ def test_hiprio_is_not_behind_request_queue_work(device):
     ok(ch[1].call(fc.encode_init(), timeout=BOUND))
     ids = [fc.decode_entry(ok(ch[1].call(fc.encode_lookup(abi.ROOT_ID, f"f{i}"), timeout=BOUND)).body).nodeid
            for i in range(8)]
-    slow = fc.decode_entry(ok(ch[1].call(fc.encode_lookup(abi.ROOT_ID, "slow"), timeout=BOUND)).body).nodeid
     inodes_before = len(backend.daemon.fs.inodes)
-    us = saturate(gate, ch[1], slow, POOL + 4)
+    us = saturate(gate, ch[1])
     # FORGET and BATCH_FORGET on hiprio complete while every request-queue worker is busy
     ch[0].call(fc.encode_forget(ids[0], 1), timeout=BOUND)
     ch[0].call(fc.encode_batch_forget([(n, 1) for n in ids[1:]]), timeout=BOUND)
@@ -120,13 +119,12 @@ def test_hiprio_is_not_behind_request_queue_work(device):
 def test_each_request_queue_has_its_own_thread_and_pool(device):
     backend, gate, ch = device
     ok(ch[1].call(fc.encode_init(), timeout=BOUND))
-    slow = fc.decode_entry(ok(ch[1].call(fc.encode_lookup(abi.ROOT_ID, "slow"), timeout=BOUND)).body).nodeid
     runners = backend.daemon.runners
     assert sorted(runners) == [0, 1, 2, 3, 4]
     assert runners[0].pool is None                       # hiprio: inline
     assert all(runners[q].pool is not None for q in (1, 2, 3, 4))
     assert len({id(runners[q].pool) for q in (1, 2, 3, 4)}) == 4
-    us = saturate(gate, ch[1], slow, POOL + 4)           # queue 1 saturated
+    us = saturate(gate, ch[1])           # queue 1 saturated
     for q in (2, 3, 4):                                  # the others still serve at once
         for _ in range(3):
             ok(ch[q].call(fc.encode_getattr(abi.ROOT_ID), timeout=BOUND))

@@ -291,20 +291,23 @@ class TypedFs:
         return {5: stat.S_IFIFO, 6: stat.S_IFCHR, 7: stat.S_IFREG}.get(nodeid)
 
 
-@pytest.mark.parametrize("opcode,nodeid,blocks", [
-    ("SETLKW", 7, True), ("FSYNC", 7, True), ("FSYNCDIR", 1, True), ("SYNCFS", 1, True),
-    ("SETLK", 7, False), ("GETLK", 7, False), ("FLUSH", 7, False), ("RELEASE", 5, False),
-    ("OPEN", 5, True), ("READ", 5, True), ("WRITE", 6, True), ("OPEN", 6, True),
-    ("OPEN", 7, False), ("READ", 7, False), ("WRITE", 7, False), ("READ", 8, False),
-    ("GETATTR", 5, False), ("LOOKUP", 1, False), ("INTERRUPT", 0, False), ("FORGET", 5, False),
+@pytest.mark.parametrize("opcode,nodeid,route", [
+    ("SETLKW", 7, "wait"), ("FSYNC", 7, "wait"), ("FSYNCDIR", 1, "wait"), ("SYNCFS", 1, "wait"),
+    ("SETLK", 7, "quick"), ("GETLK", 7, "quick"), ("FLUSH", 7, "bulk"), ("RELEASE", 5, "bulk"),
+    ("OPEN", 5, "wait"), ("READ", 5, "wait"), ("WRITE", 6, "wait"), ("OPEN", 6, "wait"),
+    ("OPEN", 7, "quick"), ("READ", 7, "quick"), ("WRITE", 7, "quick"), ("READ", 8, "quick"),
+    ("GETATTR", 5, "quick"), ("LOOKUP", 1, "quick"), ("INTERRUPT", 0, "quick"),
+    ("FORGET", 5, "quick"), ("UNLINK", 1, "bulk"), ("RENAME2", 1, "bulk"),
+    ("READDIRPLUS", 1, "bulk"), ("FALLOCATE", 7, "bulk"), ("SETATTR", 7, "bulk"),
 ])
-def test_may_block_classification(opcode, nodeid, blocks):
+def test_may_block_classification(opcode, nodeid, route):
     from vhostfs.fuse import abi
+    from vhostfs.fuse.blocking import BULK
     from vhostfs.fuse.server import FuseServer
     from vhostfs.virtqueue.iov import Reader
     server = FuseServer(TypedFs())
     key = server.may_block(Reader(fuse_request(abi.Opcode[opcode], nodeid, unique=1234)))
-    assert key == (1234 if blocks else None)
+    assert key == {"wait": 1234, "bulk": BULK, "quick": None}[route]
 
 
 def test_may_block_without_node_types_and_on_short_requests():

@@ -1,5 +1,5 @@
-"""QueueRunner: prompt requests served inline on the queue thread when the pool is idle
-and nothing waits behind them; everything else on the pool or a dedicated thread."""
+"""QueueRunner: quick requests served inline on the queue thread; bulk and large ones on
+the pool, blocking ones on a dedicated thread."""
 from __future__ import annotations
 
 import threading
@@ -8,20 +8,23 @@ import time
 import pytest
 
 from tests.unit.test_runtime_queue import FakeChain, FakeQueue, kick, wait_for
+from vhostfs.fuse.blocking import BULK
 from vhostfs.runtime import queue as rq
 from vhostfs.runtime.queue import QueueRunner
 
 
 class Recorder:
-    def __init__(self, delay: float = 0.0, blocking=()) -> None:
+    def __init__(self, delay: float = 0.0, blocking=(), bulk=(), hold=None) -> None:
         self.delay = delay
+        self.hold = hold or {}      # id -> Event the request waits for
         self.blocking = set(blocking)
+        self.bulk = set(bulk)
         self.threads: dict[int, str] = {}
         self.lock = threading.Lock()
 
     def may_block(self, reader):
         i = int.from_bytes(reader.read(4), "little")   # consumes: the runtime rewinds
-        return i if i in self.blocking else None
+        return i if i in self.blocking else BULK if i in self.bulk else None
 
     def handle(self, reader, writer, cancel=None) -> int:
         i = int.from_bytes(reader.read(4), "little")
@@ -29,6 +32,8 @@ class Recorder:
             self.threads[i] = threading.current_thread().name
         if self.delay:
             time.sleep(self.delay)
+        if i in self.hold:
+            assert self.hold[i].wait(10), f"request {i} never released"
         writer.write(b"\1")
         return 1
 
@@ -48,9 +53,9 @@ def test_lone_request_is_served_inline_on_the_queue_thread(fds):
     assert q.used == [(10, 1), (11, 1), (12, 1)]
 
 
-def test_requests_with_others_waiting_go_to_the_pool(fds):
+def test_quick_requests_are_served_inline_with_others_waiting(fds):
     kick_fd, call_fd = fds
-    q, rec = FakeQueue(), Recorder(delay=0.01)
+    q, rec = FakeQueue(), Recorder(delay=0.001)
     runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 2, may_block=rec.may_block)
     with runner.lock:
         for i in range(8):
@@ -58,9 +63,31 @@ def test_requests_with_others_waiting_go_to_the_pool(fds):
     runner.start()
     wait_for(lambda: len(q.used) == 8)
     runner.stop()
-    # the first seven had a chain behind them; the last found the pool busy
-    assert all(rec.threads[100 + i].startswith("vq1-worker") for i in range(8))
-    assert runner.served_inline == 0
+    assert all(rec.threads[100 + i] == "vq1" for i in range(8))
+    assert runner.served_inline == 8
+    assert [h for h, _ in q.used] == [100 + i for i in range(8)]    # served in ring order
+
+
+def test_bulk_requests_go_to_the_pool_and_do_not_hold_up_quick_ones(fds):
+    """A bulk request (UNLINK, READDIRPLUS...) is served on the pool: a slow one does not
+    delay the quick requests popped after it."""
+    kick_fd, call_fd = fds
+    release = threading.Event()
+    q, rec = FakeQueue(), Recorder(bulk={1, 2}, hold={1: release})
+    runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 2, may_block=rec.may_block)
+    with runner.lock:
+        q.push(FakeChain(1))                 # bulk, held until released
+        for i in range(3):
+            q.push(FakeChain(10 + i))        # quick
+        q.push(FakeChain(2))                 # bulk
+    runner.start()
+    wait_for(lambda: len(q.used) == 4)       # all but the held one
+    assert 1 not in [h for h, _ in q.used]
+    release.set()
+    wait_for(lambda: len(q.used) == 5)
+    runner.stop()
+    assert rec.threads[1].startswith("vq1-worker") and rec.threads[2].startswith("vq1-worker")
+    assert all(rec.threads[10 + i] == "vq1" for i in range(3))
 
 
 def test_blocking_requests_never_run_inline(fds):

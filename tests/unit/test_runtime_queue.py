@@ -15,7 +15,14 @@ import time
 import pytest
 
 from vhostfs.errors import ChainError, QueueBroken
+from vhostfs.fuse.blocking import BULK
 from vhostfs.runtime.queue import QueueRunner
+
+
+def to_pool(reader):
+    """A may_block that routes every request to the worker pool (a quick one would be
+    served inline on the queue thread)."""
+    return BULK
 
 
 class FakeChain:
@@ -56,9 +63,6 @@ class FakeQueue:
         if isinstance(item, Exception):
             raise item
         return item
-
-    def has_available(self) -> bool:
-        return bool(self.pending)
 
     def add_used(self, head: int, written: int) -> None:
         self.used.append((head, written))
@@ -102,7 +106,7 @@ def wait_for(pred, timeout: float = 10.0) -> None:
 def test_every_chain_completed_exactly_once(fds, pool):
     kick_fd, call_fd = fds
     q = FakeQueue()
-    runner = QueueRunner(1, q, kick_fd, call_fd, echo_handler(0.002), pool)
+    runner = QueueRunner(1, q, kick_fd, call_fd, echo_handler(0.002), pool, may_block=to_pool)
     runner.start()
     for batch in range(10):
         with runner.lock:
@@ -139,7 +143,7 @@ def test_stop_waits_for_inflight_requests(fds):
         release.wait(5)
         return 0
 
-    runner = QueueRunner(1, q, kick_fd, call_fd, slow, 4)
+    runner = QueueRunner(1, q, kick_fd, call_fd, slow, 4, may_block=to_pool)
     runner.start()
     with runner.lock:
         for i in range(4):
@@ -191,7 +195,7 @@ def test_handler_exception_does_not_kill_worker(fds):
             raise RuntimeError("boom")
         return 0
 
-    runner = QueueRunner(1, q, kick_fd, call_fd, flaky, 1)
+    runner = QueueRunner(1, q, kick_fd, call_fd, flaky, 1, may_block=to_pool)
     runner.start()
     with runner.lock:
         q.push(FakeChain(1))

@@ -116,11 +116,13 @@ class FuseServer(ExtendedOps):
 
     # --- entry point ---------------------------------------------------------------------
     def may_block(self, reader) -> int | None:
-        """None if the request in ``reader`` is served promptly; if it may wait
-        indefinitely (fuse/blocking.py: SETLKW, FIFO I/O, fsync), the ``unique`` a
-        FUSE_INTERRUPT for it would name.  The runtime then serves it on a dedicated
-        thread with a cancel token, and may serve a prompt one inline on its queue
-        thread.
+        """How the runtime should serve the request in ``reader`` (fuse/blocking.py):
+
+        * the ``unique`` a FUSE_INTERRUPT for it would name, if it may wait indefinitely
+          (SETLKW, FIFO I/O, fsync): a dedicated thread with a cancel token;
+        * ``blocking.BULK`` if it is bounded but its host work can be long (UNLINK,
+          READDIRPLUS, FALLOCATE...): the worker pool;
+        * None if it is quick: the runtime may serve it inline on its queue thread.
 
         Decodes the header once and keeps the copy in ``reader.decoded``; ``handle``
         serves the request from that same copy (the cursor does not move; the handler
@@ -131,7 +133,9 @@ class FuseServer(ExtendedOps):
             return None
         hdr = reader.decoded = reader.peek(_in_header)
         node_type = getattr(self.fs, "node_type", None)
-        return hdr[2] if blocking.may_block(hdr[1], hdr[3], node_type) else None
+        if blocking.may_block(hdr[1], hdr[3], node_type):
+            return hdr[2]
+        return blocking.BULK if hdr[1] in blocking.BULK_OPS else None
 
     def handle(self, reader, writer, cancel=None) -> int:
         """Serve one request; returns the bytes written to ``writer`` (0: no reply).

@@ -7,20 +7,21 @@ chain and routes it:
   ``fuse/blocking.py``) gets a dedicated thread of its own and a cancel token
   registered under that key, so a waiter never occupies a pool thread that the request
   releasing it needs (N+2 SETLKW waiters with a pool of N still let the unlock through);
-* anything else goes to the queue's worker pool, or is served inline on the queue
-  thread when the pool size is 0;
-* except that a prompt request is served inline on the queue thread, saving the pool
-  handoff (two futex wake-ups and context switches, 12-21 µs of CPU at depth 1, see
-  docs/performance.md §3), when all of these hold: no pool request is in flight (the
-  pool is idle), the ring holds no other available chain (nothing is waiting behind
-  it), and the chain carries at most ``INLINE_MAX_BYTES`` (a 1 MiB READ/WRITE would
-  keep the queue thread from popping for the length of its copy; the handoff is
-  noise next to it).  Requests that may block never run inline: the classification
-  is made on the header copy the handler then serves (``FuseServer.may_block``), so
-  a guest cannot rewrite a prompt request into a waiting one in between.  A request
-  that arrives while one is served inline waits in the ring for at most that one
-  request's service time, and is then popped and (no longer alone) handed to the pool
-  if more follow.
+* a request the server marks ``BULK`` (bounded, but its host work can be long: UNLINK,
+  READDIRPLUS, FALLOCATE...), and any chain carrying more than ``INLINE_MAX_BYTES`` (a
+  1 MiB READ/WRITE: its copy releases the GIL, so the pool runs several in parallel),
+  goes to the queue's worker pool;
+* every other request (quick: a syscall or two) is served inline on the queue thread,
+  which then pops the next one.  This saves the pool handoff: two futex wake-ups and
+  context switches, 12-21 µs of CPU per request, and GIL hand-overs between the queue
+  thread and the workers that cost more than the request itself at depth 32 (measured
+  in docs/performance.md §3 and §9).  The price is that a quick request that turns out
+  slow on the host (an NFS-backed share) holds up the quick ones behind it on the same
+  queue, as in virtiofsd's default (``--thread-pool-size 0``, everything on the queue
+  thread); large, bulk and blocking requests never do.  The classification is made on
+  the header copy the handler then serves (``FuseServer.may_block``), so a guest cannot
+  rewrite a quick request into a waiting one in between.  With a pool size of 0 every
+  non-blocking request is served inline.
 
 Replies complete in any order.  ``add_used``, the notification decision (EVENT_IDX or
 NO_INTERRUPT) and the call eventfd write all run under the queue lock, so the used ring
@@ -48,6 +49,7 @@ import threading
 from typing import Callable
 
 from vhostfs.errors import ChainError, GuestMemoryError, QueueBroken, VhostfsError, VirtqueueError
+from vhostfs.fuse.blocking import BULK
 from vhostfs.log import get_logger
 from vhostfs.runtime.cancel import CancelToken, InterruptRegistry
 from vhostfs.virtqueue.iov import Reader, Writer
@@ -56,7 +58,8 @@ log = get_logger("vhostfs.queue")
 
 # handle(reader, writer[, cancel=token]) -> bytes written into the device-writable part
 Handler = Callable[..., int]
-# may_block(reader) -> key (an int: serve on a dedicated thread) or None
+# may_block(reader) -> key (an int >= 0: serve on a dedicated thread), BULK (serve on
+# the pool) or None (quick: may be served inline)
 MayBlock = Callable[[Reader], "int | None"]
 
 #: Blocking requests in flight per queue before new ones are served on the pool with
@@ -131,7 +134,6 @@ class QueueRunner:
         self.broken = False
         self.stopping = False
         self._inflight = 0
-        self._pooled = 0          # requests handed to the pool and not finished yet
         self.served_inline = 0    # requests served inline on the queue thread (a statistic)
         self._call_owed = False   # a notification was due while call_fd was None
         self._dedicated: set[CancelToken] = set()
@@ -224,24 +226,10 @@ class QueueRunner:
             if chain is None:
                 return False
             self._inflight += 1
-            inline = self.pool is None
-            if not inline:
-                inline = (self._pooled == 0
-                          and chain.readable_len + chain.writable_len <= INLINE_MAX_BYTES
-                          and not self._available_locked())
-                if not inline:
-                    self._pooled += 1     # provisionally; _start_dedicated takes it back
-        self._dispatch(chain, inline)
+        self._dispatch(chain)
         return True
 
-    def _available_locked(self) -> bool:
-        """Whether another chain waits in the ring (True when that cannot be told)."""
-        try:
-            return self.queue.has_available()
-        except (QueueBroken, GuestMemoryError):
-            return True
-
-    def _dispatch(self, chain, inline: bool) -> None:
+    def _dispatch(self, chain) -> None:
         # One Reader per request, over the views the walk already checked and summed;
         # may_block may keep what it decoded in reader.decoded for the handler (the
         # FUSE server keeps the in-header: decoded once, served from the same copy).
@@ -253,20 +241,19 @@ class QueueRunner:
             except Exception:   # the handler will meet the same problem and answer it
                 key = None
             reader.rewind()
-        if key is not None:
-            self._start_dedicated(chain, reader, key, pooled=not inline)
-        elif inline:
-            if self.pool is not None:
-                self.served_inline += 1
-            self._serve((chain, reader, None, None, False))
+        if key is not None and key != BULK:
+            self._start_dedicated(chain, reader, key)
+        elif self.pool is None:
+            self._serve((chain, reader, None, None))
+        elif key is None and chain.readable_len + chain.writable_len <= INLINE_MAX_BYTES:
+            self.served_inline += 1
+            self._serve((chain, reader, None, None))
         else:
-            self.pool.submit((chain, reader, None, None, True))
+            self.pool.submit((chain, reader, None, None))
 
-    def _start_dedicated(self, chain, reader, key: int, *, pooled: bool) -> None:
+    def _start_dedicated(self, chain, reader, key: int) -> None:
         token = CancelToken()
         with self.lock:
-            if pooled:
-                self._pooled -= 1
             over = len(self._dedicated) >= self.max_dedicated
             self._dedicated.add(token)
         if self.interrupts is not None:
@@ -278,19 +265,19 @@ class QueueRunner:
         elif self.stopping:
             token.set()
         try:
-            threading.Thread(target=self._serve, args=((chain, reader, token, key, False),),
+            threading.Thread(target=self._serve, args=((chain, reader, token, key),),
                              name=f"vq{self.index}-blocking", daemon=True).start()
             return
         except RuntimeError as exc:   # no thread left: answer now, without waiting
             log.error("cannot start a thread for a blocking request; it is not allowed to wait",
                       queue=self.index, error=str(exc))
         token.set()
-        self._serve((chain, reader, token, key, False))
+        self._serve((chain, reader, token, key))
 
     # -- workers ------------------------------------------------------------------------
 
     def _serve(self, item) -> None:
-        chain, reader, token, key, pooled = item
+        chain, reader, token, key = item
         written = 0
         try:
             writer = Writer(chain.writable, chain.writable_len)
@@ -308,10 +295,9 @@ class QueueRunner:
             if token is not None:
                 if self.interrupts is not None:
                     self.interrupts.unregister(key, token)
-            self._finish(chain.head, written, token, pooled)
+            self._finish(chain.head, written, token)
 
-    def _finish(self, head: int, written: int, token: CancelToken | None,
-                pooled: bool = False) -> None:
+    def _finish(self, head: int, written: int, token: CancelToken | None) -> None:
         if token is not None:
             # Closed before the request counts as finished: once stop() returns, no fd
             # of this queue's requests is still open (or about to be closed).
@@ -319,8 +305,6 @@ class QueueRunner:
         with self.lock:
             self._complete_locked(head, written)
             self._inflight -= 1
-            if pooled:
-                self._pooled -= 1
             if token is not None:
                 self._dedicated.discard(token)
             if self._inflight == 0:
