@@ -2,6 +2,7 @@
 the pool, blocking ones on a dedicated thread."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -150,3 +151,45 @@ def test_pool_size_zero_serves_everything_inline(fds):
     wait_for(lambda: len(q.used) == 4)
     runner.stop()
     assert set(rec.threads.values()) == {"vq0"}
+
+
+class CountingQueue(FakeQueue):
+    """Records how many replies were in the used ring at each notification check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks: list[int] = []
+
+    def needs_notification(self) -> bool:
+        self.checks.append(len(self.used))
+        return True
+
+
+def test_inline_completions_are_notification_checked_per_batch(fds):
+    """A backlog served inline is notification-checked every NOTIFY_BATCH replies, and
+    the last reply always is (a driver asleep on it is woken)."""
+    kick_fd, call_fd = fds
+    q, rec = CountingQueue(), Recorder()
+    n = 3 * rq.NOTIFY_BATCH + 3
+    for i in range(n):                      # all there before the queue thread starts
+        q.push(FakeChain(i))
+    runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 2, may_block=rec.may_block)
+    runner.start()
+    wait_for(lambda: len(q.used) == n and q.checks and q.checks[-1] == n)
+    runner.stop()
+    assert q.checks == [rq.NOTIFY_BATCH, 2 * rq.NOTIFY_BATCH, 3 * rq.NOTIFY_BATCH, n]
+    assert os.eventfd_read(call_fd) == 4
+
+
+def test_lone_inline_completion_is_notified_at_once(fds):
+    kick_fd, call_fd = fds
+    q, rec = CountingQueue(), Recorder()
+    runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 2, may_block=rec.may_block)
+    runner.start()
+    for i in range(3):
+        with runner.lock:
+            q.push(FakeChain(i))
+        kick(kick_fd)
+        wait_for(lambda: len(q.checks) == i + 1)
+        assert q.checks[-1] == i + 1
+    runner.stop()

@@ -64,6 +64,9 @@ class FakeQueue:
             raise item
         return item
 
+    def has_available(self) -> bool:
+        return bool(self.pending)
+
     def add_used(self, head: int, written: int) -> None:
         self.used.append((head, written))
 

@@ -212,3 +212,22 @@ def test_needs_notification_before_attach_is_queue_broken():
             op()
     with pytest.raises(QueueBroken):
         q.add_used(0, 0)
+
+
+def test_has_available_follows_the_avail_idx_without_consuming(mem):
+    drv = Driver(mem, 8)
+    q = drv.device_queue()
+    assert not q.has_available()
+    drv.add_chain([b"a"], [4], publish=False)
+    assert not q.has_available()              # pushed, not yet published
+    drv.publish()
+    assert q.has_available() and q.has_available()
+    drv.add_chain([b"b"], [4])
+    assert q.pop().head is not None and q.has_available()
+    assert q.pop() is not None and not q.has_available()
+    assert q.last_avail_idx == 2
+
+
+def test_has_available_before_attach_is_queue_broken():
+    with pytest.raises(QueueBroken):
+        SplitQueue(0, 8, 0, 0, 0, event_idx=False).has_available()

@@ -184,6 +184,17 @@ class SplitQueue:
             return walker.walk(head)
         return walk_chain(self._memory, self._desc, self.size, head)
 
+    def has_available(self) -> bool:
+        """Whether the driver exposed a chain not popped yet (pop() would not return
+        None).  One acquire load of the avail idx; nothing is consumed or validated."""
+        last = self.last_avail_idx
+        if self._shadow_avail != last:
+            return True
+        addr = self._avail_idx_addr
+        if addr is None:
+            raise QueueBroken(f"queue {self.index}: has_available() before attach()")
+        return _load_acquire_u16(addr) != last
+
     def add_used(self, head: int, written: int) -> None:
         """Publish a completion: the used element, then the used idx (release)."""
         if not 0 <= head < self.size:
