@@ -193,3 +193,41 @@ def test_lone_inline_completion_is_notified_at_once(fds):
         wait_for(lambda: len(q.checks) == i + 1)
         assert q.checks[-1] == i + 1
     runner.stop()
+
+
+def test_fast_path_serves_inline_and_falls_back_to_the_handler(fds):
+    """``fast(chain)`` is tried first for chains that may be served inline: an int is the
+    reply length (the handler is not called), None or an exception hands the chain to
+    the general path; never while a dirty log is active or for a large chain."""
+    from vhostfs.virtqueue import iov
+    kick_fd, call_fd = fds
+    q, rec = FakeQueue(), Recorder()
+    tried = []
+
+    def fast(chain):
+        tried.append(chain.head)
+        if chain.head == 2:
+            raise RuntimeError("fast path bug")
+        return 9 if chain.head == 1 else None
+
+    runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 2, may_block=rec.may_block,
+                         fast=fast)
+    big = FakeChain(4)
+    big.writable = [memoryview(bytearray(rq.INLINE_MAX_BYTES))]
+    for c in (FakeChain(1), FakeChain(2), FakeChain(3), big):
+        q.push(c)
+    runner.start()
+    wait_for(lambda: len(q.used) == 4)
+    assert tried == [1, 2, 3]
+    assert dict(q.used) == {1: 9, 2: 1, 3: 1, 4: 1}
+    assert sorted(rec.threads) == [2, 3, 4]
+    iov.set_dirty_log(object())
+    try:
+        with runner.lock:
+            q.push(FakeChain(5))
+        kick(kick_fd)
+        wait_for(lambda: len(q.used) == 5)
+    finally:
+        iov.set_dirty_log(None)
+    runner.stop()
+    assert tried == [1, 2, 3] and 5 in rec.threads

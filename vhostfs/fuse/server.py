@@ -17,7 +17,7 @@ from typing import Callable
 
 from vhostfs.errors import FuseProtocolError, VhostfsError
 from vhostfs.fs.api import Context, FileSystem, SetAttr
-from vhostfs.fuse import abi, blocking, replies
+from vhostfs.fuse import abi, blocking, fastpath, replies
 from vhostfs.fuse.ops import ExtendedOps
 from vhostfs.log import get_logger
 
@@ -115,6 +115,13 @@ class FuseServer(ExtendedOps):
         self._table = table
 
     # --- entry point ---------------------------------------------------------------------
+    def serve_fast(self, chain) -> int | None:
+        """Serve the hot requests (READ and WRITE on an open file) straight from the
+        chain's views: the bytes written, or None when ``chain`` is not such a request
+        or failed before any byte moved (nothing answered: serve it with ``handle``).
+        fuse/fastpath.py."""
+        return fastpath.serve(self, chain)
+
     def may_block(self, reader) -> int | None:
         """How the runtime should serve the request in ``reader`` (fuse/blocking.py):
 

@@ -66,6 +66,7 @@ class Daemon:
         pool = 0 if index == 0 else self.config.thread_pool_size
         runner = QueueRunner(index, queue, kick_fd, call_fd, self.server.handle, pool,
                              may_block=getattr(self.server, "may_block", None),
+                             fast=getattr(self.server, "serve_fast", None),
                              interrupts=self.interrupts)
         with self.lock:
             old = self.runners.pop(index, None)

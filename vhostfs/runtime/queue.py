@@ -56,6 +56,7 @@ from vhostfs.errors import ChainError, GuestMemoryError, QueueBroken, VhostfsErr
 from vhostfs.fuse.blocking import BULK
 from vhostfs.log import get_logger
 from vhostfs.runtime.cancel import CancelToken, InterruptRegistry
+from vhostfs.virtqueue import iov
 from vhostfs.virtqueue.iov import Reader, Writer
 
 log = get_logger("vhostfs.queue")
@@ -65,6 +66,10 @@ Handler = Callable[..., int]
 # may_block(reader) -> key (an int >= 0: serve on a dedicated thread), BULK (serve on
 # the pool) or None (quick: may be served inline)
 MayBlock = Callable[[Reader], "int | None"]
+# fast(chain) -> bytes written, or None: not served (FuseServer.serve_fast); tried first
+# for every chain that may be served inline, while no dirty log is active (it writes
+# guest memory without the Writer's page marking)
+FastPath = Callable[[object], "int | None"]
 
 #: Blocking requests in flight per queue before new ones are served on the pool with
 #: an already-cancelled token (they then fail with EINTR instead of waiting).
@@ -126,13 +131,14 @@ class QueueRunner:
     def __init__(self, index: int, queue, kick_fd: int, call_fd: int | None,
                  handler: Handler, pool_size: int, *, may_block: MayBlock | None = None,
                  interrupts: InterruptRegistry | None = None,
-                 max_dedicated: int = MAX_DEDICATED) -> None:
+                 max_dedicated: int = MAX_DEDICATED, fast: FastPath | None = None) -> None:
         self.index = index
         self.queue = queue
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.handler = handler
         self.may_block = may_block
+        self.fast = fast
         self.interrupts = interrupts
         self.max_dedicated = max_dedicated
         self._cancellable = _accepts_cancel(handler)
@@ -241,6 +247,20 @@ class QueueRunner:
         return True
 
     def _dispatch(self, chain) -> None:
+        fast = self.fast
+        if (fast is not None and iov.dirty_log is None
+                and chain.readable_len + chain.writable_len <= INLINE_MAX_BYTES):
+            try:
+                written = fast(chain)
+            except Exception:   # the general path meets the same problem and answers it
+                log.exception("fast path failed; request served by the general path",
+                              queue=self.index, head=chain.head)
+                written = None
+            if written is not None:
+                if self.pool is not None:
+                    self.served_inline += 1
+                self._finish(chain.head, written, None, True)
+                return
         # One Reader per request, over the views the walk already checked and summed;
         # may_block may keep what it decoded in reader.decoded for the handler (the
         # FUSE server keeps the in-header: decoded once, served from the same copy).

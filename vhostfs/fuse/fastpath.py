@@ -1,0 +1,199 @@
+"""The hot requests, small READ and WRITE on an open file, served straight from the chain.
+
+The general path (``FuseServer.handle``) builds a Reader and a Writer over the chain,
+a Context, dispatches through the opcode table and moves the data through the
+Reader's and Writer's cursors: about 7 µs of Python around a 1 µs preadv for a 4 KiB
+READ (docs/performance.md §3).  Here a READ or WRITE is served with the same checks
+and a fraction of the Python, when its request starts with ``fuse_in_header`` and the
+operation's arguments in the first device-readable buffer or in the first two (Linux
+puts the header in one buffer and the arguments in the next, fs/fuse/virtio_fs.c), and
+its reply header fits the first device-writable buffer:
+
+* READ: the request is exactly header + ``fuse_read_in``; the data goes straight into
+  the device-writable buffers after the out header, with preadv.
+* WRITE: the request is exactly header + ``fuse_write_in`` + ``size`` bytes; those
+  bytes go straight from the device-readable buffers to the file, with pwritev.
+
+Anything else returns None before the file is touched, and the request takes the
+general path, which answers it: another opcode or layout, request extensions, a header
+whose ``len`` disagrees with the chain, a session not initialised, a READ larger than
+``max_read`` or a WRITE larger than ``max_write``, an offset past 2^63-1, a FIFO or
+character device node (it may block: fuse/blocking.py).  So does an error from the
+filesystem before any byte moved (EBADF for an unknown ``fh``, EIO...): the general
+path repeats the operation and answers with the errno, so the guest sees what the
+general path alone would have given it.  An error after some bytes moved returns the
+count so far, as read(2)/write(2) and ``Writer.read_from_fd`` do: a WRITE is never
+repeated once bytes reached the file (an O_APPEND file would get them twice).
+
+Guest values are read once (architecture.md): the header and the arguments are
+unpacked from guest memory into locals, and only those copies are checked and used.
+The reply header is written after the data, as on the general path.
+"""
+from __future__ import annotations
+
+import os
+from time import perf_counter_ns
+
+from vhostfs.fs.api import Context
+from vhostfs.fuse import abi, blocking
+
+_in_header = abi.fuse_in_header
+_read_in = abi.fuse_read_in
+_write_in = abi.fuse_write_in
+_out_header = abi.fuse_out_header
+_write_out = abi.fuse_write_out
+_HDR = _in_header.size
+_OUT = _out_header.size
+_READ = abi.Opcode.READ
+_WRITE = abi.Opcode.WRITE
+#: header + arguments; both argument structs have the same size (fuse.h 7.9+)
+_ARGS_END = _HDR + _read_in.size
+assert _write_in.size == _read_in.size
+_MAX_OFFSET = 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _iovecs(first: memoryview, rest, count: int) -> list:
+    """Views covering the first ``count`` bytes of ``first`` followed by ``rest``."""
+    iovs = [first[:count]] if len(first) else []
+    need = count - len(first)
+    for v in rest:
+        if need <= 0:
+            break
+        if len(v) > need:
+            v = v[:need]
+        iovs.append(v)
+        need -= len(v)
+    return iovs
+
+
+def _skip(iovs: list, n: int) -> list:
+    """The iovecs after their first ``n`` bytes."""
+    out = []
+    for v in iovs:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
+def _transfer(op, fd: int, iovs: list, count: int, offset: int) -> int:
+    """preadv/pwritev, looping on short transfers; stops at EOF.  An error before any
+    byte moved raises; after, the count so far is returned."""
+    done = op(fd, iovs, offset)
+    while 0 < done < count:
+        try:
+            n = op(fd, _skip(iovs, done), offset + done)
+        except OSError:
+            break
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+class _Sink:
+    """``ReadSink`` over the device-writable views after the out header."""
+
+    __slots__ = ("first", "rest")
+
+    def __init__(self, first: memoryview, rest) -> None:
+        self.first, self.rest = first, rest
+
+    def read_from_fd(self, fd: int, count: int, offset: int) -> int:
+        if count <= 0:
+            return 0
+        return _transfer(os.preadv, fd, _iovecs(self.first, self.rest, count), count, offset)
+
+
+class _Source:
+    """``WriteSource`` over the device-readable views after the WRITE arguments."""
+
+    __slots__ = ("first", "rest", "remaining")
+
+    def __init__(self, first: memoryview, rest, remaining: int) -> None:
+        self.first, self.rest, self.remaining = first, rest, remaining
+
+    def write_to_fd(self, fd: int, count: int, offset: int) -> int:
+        if count <= 0:
+            return 0
+        return _transfer(os.pwritev, fd, _iovecs(self.first, self.rest, count), count, offset)
+
+
+def serve(server, chain) -> int | None:
+    """Serve ``chain`` if it is a READ or WRITE this module takes (see the module
+    docstring); returns the bytes written into the device-writable buffers, or None
+    (nothing answered, the file untouched: use the general path)."""
+    readable = chain.readable
+    writable = chain.writable
+    avail = chain.readable_len
+    if avail < _ARGS_END or not readable or not writable or len(writable[0]) < _OUT:
+        return None
+    r0 = readable[0]
+    if len(r0) >= _ARGS_END:                 # header and arguments in one buffer
+        hdr = _in_header.unpack_from(r0)
+        args_view, data_first, data_rest = r0, r0[_ARGS_END:], readable[1:]
+        args_at = _HDR
+    elif len(r0) == _HDR and len(readable) > 1 and len(readable[1]) >= _read_in.size:
+        hdr = _in_header.unpack_from(r0)     # Linux: header, then the arguments
+        r1 = readable[1]
+        args_view, data_first, data_rest = r1, r1[_read_in.size:], readable[2:]
+        args_at = 0
+    else:
+        return None
+    length, opcode, unique, nodeid, uid, gid, pid, extlen, _pad = hdr
+    if length != avail or extlen or not server.initialized:
+        return None
+    if opcode == _READ:
+        if avail != _ARGS_END:
+            return None
+        fh, offset, size, _rf, _lo, _fl, _p = _read_in.unpack_from(args_view, args_at)
+        if size > server.max_read:
+            return None
+    elif opcode == _WRITE:
+        fh, offset, size, write_flags, _lo, _fl, _p = _write_in.unpack_from(args_view, args_at)
+        if size > server.max_write or avail != _ARGS_END + size:
+            return None
+    else:
+        return None
+    fs = server.fs
+    if offset > _MAX_OFFSET or blocking.may_block(opcode, nodeid, getattr(fs, "node_type", None)):
+        return None
+    if opcode == _WRITE and chain.writable_len < _OUT + _write_out.size:
+        return None
+    out = writable[0]
+    t0 = perf_counter_ns()
+    try:
+        if opcode == _READ:
+            n = fs.read(Context(uid, gid, pid), nodeid, fh, offset,
+                        min(size, chain.writable_len - _OUT), _Sink(out[_OUT:], writable[1:]))
+            total = _OUT + n
+        else:
+            n = fs.write(Context(uid, gid, pid), nodeid, fh, offset, size,
+                         _Source(data_first, data_rest, size), write_flags)
+            total = _OUT + _write_out.size
+            _scatter(writable, _OUT, _write_out.pack(n, 0))
+    except OSError:
+        return None
+    _out_header.pack_into(out, 0, total, 0, unique)
+    observer = server.observer
+    if observer is not None:
+        observer(opcode, unique, nodeid, 0, perf_counter_ns() - t0)
+    return total
+
+
+def _scatter(views, pos: int, data: bytes) -> None:
+    """Copy ``data`` into the views from byte ``pos`` of their concatenation (the
+    caller checked that they hold that many bytes)."""
+    done = 0
+    for v in views:
+        if pos >= len(v):
+            pos -= len(v)
+            continue
+        k = min(len(v) - pos, len(data) - done)
+        v[pos:pos + k] = data[done:done + k]
+        done += k
+        pos = 0
+        if done == len(data):
+            return
