@@ -179,8 +179,8 @@ def test_declines_other_layouts_and_requests(world):
     assert declined(w, req, rsizes=(40, 20, 20)) == 0             # arguments split
     assert declined(w, req, wsizes=(8, 4096)) == 0                # out header split
     assert declined(w, req + b"extra", rsizes=(40, 45)) == -22     # READ with trailing bytes
-    getattr_req = request(O.GETATTR, w.f, abi.fuse_getattr_in.pack(0, 0, 0) + bytes(24))
-    assert len(getattr_req) == 80 and declined(w, getattr_req) == 0
+    readdir_req = request(O.READDIR, 1, abi.fuse_read_in.pack(0, 0, 4096, 0, 0, 0, 0))
+    assert len(readdir_req) == 80 and declined(w, readdir_req) == -9       # not SMALL_OPS
     assert declined(w, w.read_req(0, 10, extlen=1)) == -22         # extensions not negotiated
     # a FIFO's READ may block: the general path serves it (on a dedicated thread)
     c = chain(w.read_req(0, 10, nodeid=w.fifo), (40, 40), (16, 4096))
@@ -243,3 +243,71 @@ def share_factory(tmp_path_factory):
 
 def test_fifo_node_type_is_what_declines(world):
     assert stat.S_ISFIFO(world.server.fs.node_type(world.fifo))
+
+
+# --- serve_small: SMALL_OPS -----------------------------------------------------------------
+READ_ONLY = [O.LOOKUP, O.GETATTR, O.READLINK, O.ACCESS, O.STATFS, O.STATX, O.GETXATTR,
+             O.LISTXATTR, O.GETLK, O.LSEEK]
+MUTATING = [O.OPEN, O.OPENDIR, O.CREATE, O.MKDIR, O.MKNOD, O.SYMLINK, O.LINK]
+
+
+def test_small_ops_are_the_fast_path_s():
+    from vhostfs.fuse import blocking, fastpath
+    assert fastpath.SMALL_OPS == frozenset(READ_ONLY + MUTATING + [O.FORGET, O.BATCH_FORGET])
+    assert not fastpath.SMALL_OPS & blocking.BULK_OPS and not fastpath.SMALL_OPS & blocking.ALWAYS
+
+
+def small_request(w, opcode, nodeid_pick, body_pick, raw):
+    nodeid = {0: 1, 1: w.f, 2: w.fifo, 3: 999_999}[nodeid_pick]
+    bodies = {
+        O.LOOKUP: [b"f\0", b"nope\0", b"f"],
+        O.GETATTR: [abi.fuse_getattr_in.pack(0, 0, 0), abi.fuse_getattr_in.pack(1, 0, w.fh)],
+        O.ACCESS: [abi.fuse_access_in.pack(4, 0)],
+        O.GETXATTR: [abi.fuse_getxattr_in.pack(64, 0) + b"user.x\0"],
+        O.LISTXATTR: [abi.fuse_getxattr_in.pack(0, 0)],
+        O.LSEEK: [abi.fuse_lseek_in.pack(w.fh, 10, 0, 0)],
+        O.OPEN: [abi.fuse_open_in.pack(os.O_RDONLY, 0)],
+        O.OPENDIR: [abi.fuse_open_in.pack(os.O_RDONLY, 0)],
+        O.CREATE: [abi.fuse_create_in.pack(os.O_RDWR | os.O_CREAT, 0o644, 0o022, 0) + b"new\0"],
+        O.MKDIR: [abi.fuse_mkdir_in.pack(0o755, 0o022) + b"d\0"],
+        O.SYMLINK: [b"s\0target\0"],
+        O.LINK: [abi.fuse_link_in.pack(w.f) + b"l\0"],
+    }.get(opcode, [b""])
+    body = raw if raw is not None else bodies[body_pick % len(bodies)]
+    return request(opcode, nodeid, body)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opcode=st.sampled_from(READ_ONLY + MUTATING), nodeid=st.integers(0, 3),
+       body=st.integers(0, 3), raw=st.none() | st.binary(max_size=120),
+       wsplit=st.sampled_from([[16, 4096], [4112], [16, 8, 4096], [20], [16]]),
+       linux=st.booleans())
+def test_small_ops_answer_as_the_general_path(share_factory, opcode, nodeid, body, raw,
+                                             wsplit, linux):
+    """Same reply bytes as the general path (read-only requests: on the same share;
+    requests that create something: on two identical shares, same error and length)."""
+    a = share_factory()
+    b = a if opcode in READ_ONLY else share_factory()
+    req = small_request(a, opcode, nodeid, body, raw)
+    rsizes = [40] if linux else []
+    fast_c, gen_c = chain(req, rsizes, wsplit), chain(req, rsizes, wsplit)
+    n = a.server.serve_fast(fast_c)
+    m = general(b.server, gen_c)
+    if n is None:
+        assert out_bytes(fast_c) == bytes(sum(wsplit))
+        assert nodeid == 2 and opcode in (O.OPEN, O.OPENDIR)     # a FIFO: general path
+        return
+    fo, go = out_bytes(fast_c), out_bytes(gen_c)
+    assert n == m
+    f_len, f_err, f_unique = abi.fuse_out_header.unpack_from(fo)
+    assert (f_len, f_err, f_unique) == abi.fuse_out_header.unpack_from(go)
+    if opcode in READ_ONLY and opcode not in (O.GETATTR, O.STATX, O.LOOKUP):
+        assert fo[:n] == go[:n]
+
+
+def test_forget_has_no_reply(world):
+    w = world
+    nodeid = w.lookup("g")
+    c = chain(request(O.FORGET, nodeid, abi.fuse_forget_in.pack(1)), [40], [])
+    c.writable, c.writable_len = [], 0
+    assert w.server.serve_fast(c) == 0

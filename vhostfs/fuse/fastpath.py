@@ -1,41 +1,52 @@
-"""The hot requests, small READ and WRITE on an open file, served straight from the chain.
+"""The hot requests served straight from the chain's views, without Reader and Writer.
 
 The general path (``FuseServer.handle``) builds a Reader and a Writer over the chain,
-a Context, dispatches through the opcode table and moves the data through the
-Reader's and Writer's cursors: about 7 µs of Python around a 1 µs preadv for a 4 KiB
-READ (docs/performance.md §3).  Here a READ or WRITE is served with the same checks
-and a fraction of the Python, when its request starts with ``fuse_in_header`` and the
-operation's arguments in the first device-readable buffer or in the first two (Linux
-puts the header in one buffer and the arguments in the next, fs/fuse/virtio_fs.c), and
-its reply header fits the first device-writable buffer:
+a Context, dispatches through the opcode table and moves bytes through the Reader's
+and Writer's cursors: about 7 µs of Python around a 1 µs preadv for a 4 KiB READ
+(docs/performance.md §3), more than the filesystem's own work for GETATTR.  Two lean
+paths serve the common requests with the same checks and a fraction of the Python:
 
-* READ: the request is exactly header + ``fuse_read_in``; the data goes straight into
-  the device-writable buffers after the out header, with preadv.
-* WRITE: the request is exactly header + ``fuse_write_in`` + ``size`` bytes; those
-  bytes go straight from the device-readable buffers to the file, with pwritev.
+* ``serve_io``: READ and WRITE on an open file.  The request starts with
+  ``fuse_in_header`` and the operation's arguments in the first device-readable buffer
+  or in the first two (Linux puts the header in one buffer and the arguments in the
+  next, fs/fuse/virtio_fs.c), and the reply header fits the first device-writable
+  buffer.  READ: the request is exactly header + ``fuse_read_in``, and the data goes
+  straight into the device-writable buffers after the out header with preadv.  WRITE:
+  the request is exactly header + ``fuse_write_in`` + ``size`` bytes, which go straight
+  from the device-readable buffers to the file with pwritev.
+* ``serve_small``: the quick requests whose handler takes the request body as bytes and
+  returns the reply body as bytes (``SMALL_OPS``: LOOKUP, GETATTR, OPEN, CREATE, STATFS
+  ...), with the header in the first device-readable buffer and the reply header in
+  the first device-writable buffer.  Once the handler ran, the request is answered
+  here, errors included, exactly as ``handle`` answers it (``replies.errno_of``).
 
 Anything else returns None before the file is touched, and the request takes the
 general path, which answers it: another opcode or layout, request extensions, a header
 whose ``len`` disagrees with the chain, a session not initialised, a READ larger than
 ``max_read`` or a WRITE larger than ``max_write``, an offset past 2^63-1, a FIFO or
-character device node (it may block: fuse/blocking.py).  So does an error from the
-filesystem before any byte moved (EBADF for an unknown ``fh``, EIO...): the general
-path repeats the operation and answers with the errno, so the guest sees what the
-general path alone would have given it.  An error after some bytes moved returns the
-count so far, as read(2)/write(2) and ``Writer.read_from_fd`` do: a WRITE is never
-repeated once bytes reached the file (an O_APPEND file would get them twice).
+character device node (it may block: fuse/blocking.py).  For READ and WRITE so does an
+error from the filesystem before any byte moved (EBADF for an unknown ``fh``, EIO...):
+the general path repeats the operation and answers with the errno, so the guest sees
+what the general path alone would have given it.  An error after some bytes moved
+returns the count so far, as read(2)/write(2) and ``Writer.read_from_fd`` do: a WRITE
+is never repeated once bytes reached the file (an O_APPEND file would get them twice).
 
 Guest values are read once (architecture.md): the header and the arguments are
-unpacked from guest memory into locals, and only those copies are checked and used.
-The reply header is written after the data, as on the general path.
+unpacked from guest memory into locals, the body is copied, and only those copies are
+checked and used.  The reply header is written after the data, as on the general path.
 """
 from __future__ import annotations
 
+import errno
 import os
 from time import perf_counter_ns
 
+from vhostfs.errors import VhostfsError
 from vhostfs.fs.api import Context
-from vhostfs.fuse import abi, blocking
+from vhostfs.fuse import abi, blocking, replies
+from vhostfs.log import get_logger
+
+log = get_logger("vhostfs.fuse")
 
 _in_header = abi.fuse_in_header
 _read_in = abi.fuse_read_in
@@ -50,6 +61,17 @@ _WRITE = abi.Opcode.WRITE
 _ARGS_END = _HDR + _read_in.size
 assert _write_in.size == _read_in.size
 _MAX_OFFSET = 0x7FFF_FFFF_FFFF_FFFF
+
+_O = abi.Opcode
+#: Quick requests (fuse/blocking.py: neither BULK nor blocking, except OPEN/OPENDIR of a
+#: FIFO or device, which the node-type check sends to the general path) whose handlers
+#: use neither the Reader nor the Writer.
+SMALL_OPS = frozenset((_O.LOOKUP, _O.GETATTR, _O.OPEN, _O.OPENDIR, _O.CREATE, _O.MKDIR,
+                       _O.MKNOD, _O.SYMLINK, _O.LINK, _O.READLINK, _O.ACCESS, _O.STATFS,
+                       _O.STATX, _O.GETXATTR, _O.LISTXATTR, _O.GETLK, _O.LSEEK, _O.FORGET,
+                       _O.BATCH_FORGET))
+#: No reply at all (as FuseServer.handle's list).
+_NO_REPLY = frozenset((_O.FORGET, _O.BATCH_FORGET))
 
 
 def _iovecs(first: memoryview, rest, count: int) -> list:
@@ -122,29 +144,41 @@ class _Source:
 
 
 def serve(server, chain) -> int | None:
-    """Serve ``chain`` if it is a READ or WRITE this module takes (see the module
-    docstring); returns the bytes written into the device-writable buffers, or None
-    (nothing answered, the file untouched: use the general path)."""
+    """Serve ``chain`` if it is a request this module takes (see the module docstring);
+    returns the bytes written into the device-writable buffers (0: no reply), or None
+    (nothing answered, nothing done: use the general path)."""
+    readable = chain.readable
+    if not readable or len(readable[0]) < _HDR:
+        return None
+    hdr = _in_header.unpack_from(readable[0])
+    length, opcode, unique, nodeid, uid, gid, pid, extlen, _pad = hdr
+    if length != chain.readable_len or extlen or not server.initialized:
+        return None
+    if opcode == _READ or opcode == _WRITE:
+        return serve_io(server, chain, hdr)
+    if opcode in SMALL_OPS:
+        return serve_small(server, chain, hdr)
+    return None
+
+
+def serve_io(server, chain, hdr: tuple) -> int | None:
+    """READ or WRITE (``hdr``: the header ``serve`` unpacked and checked)."""
     readable = chain.readable
     writable = chain.writable
     avail = chain.readable_len
-    if avail < _ARGS_END or not readable or not writable or len(writable[0]) < _OUT:
+    if avail < _ARGS_END or not writable or len(writable[0]) < _OUT:
         return None
     r0 = readable[0]
     if len(r0) >= _ARGS_END:                 # header and arguments in one buffer
-        hdr = _in_header.unpack_from(r0)
         args_view, data_first, data_rest = r0, r0[_ARGS_END:], readable[1:]
         args_at = _HDR
     elif len(r0) == _HDR and len(readable) > 1 and len(readable[1]) >= _read_in.size:
-        hdr = _in_header.unpack_from(r0)     # Linux: header, then the arguments
-        r1 = readable[1]
+        r1 = readable[1]                     # Linux: header, then the arguments
         args_view, data_first, data_rest = r1, r1[_read_in.size:], readable[2:]
         args_at = 0
     else:
         return None
     length, opcode, unique, nodeid, uid, gid, pid, extlen, _pad = hdr
-    if length != avail or extlen or not server.initialized:
-        return None
     if opcode == _READ:
         if avail != _ARGS_END:
             return None
@@ -197,3 +231,63 @@ def _scatter(views, pos: int, data: bytes) -> None:
         pos = 0
         if done == len(data):
             return
+
+
+def serve_small(server, chain, hdr: tuple) -> int | None:
+    """A SMALL_OPS request (``hdr``: the header ``serve`` unpacked and checked)."""
+    length, opcode, unique, nodeid, uid, gid, pid, _extlen, _pad = hdr
+    no_reply = opcode in _NO_REPLY
+    writable = chain.writable
+    if not no_reply and (not writable or len(writable[0]) < _OUT):
+        return None
+    if length - _HDR > server.max_body:
+        return None
+    if blocking.may_block(opcode, nodeid, getattr(server.fs, "node_type", None)):
+        return None
+    handler = server.handlers[opcode]
+    readable = chain.readable
+    if len(readable) == 1:
+        body = bytes(readable[0][_HDR:])
+    elif len(readable) == 2 and len(readable[0]) == _HDR:
+        body = bytes(readable[1])            # Linux: the arguments in a buffer of their own
+    else:
+        body = b"".join(bytes(v) for v in readable)[_HDR:]
+    t0 = perf_counter_ns()
+    err = errno.EIO
+    try:
+        try:
+            result = handler(Context(uid, gid, pid), nodeid, body, None, None)
+            err = 0
+        except OSError as e:
+            err = replies.errno_of(e)
+            return 0 if no_reply else _reply_error(writable[0], unique, err)
+        except VhostfsError:
+            raise
+        except Exception:
+            log.exception("fuse request failed", opcode=opcode, unique=unique, nodeid=nodeid)
+            return 0 if no_reply else _reply_error(writable[0], unique, errno.EIO)
+        if result is None or no_reply:
+            return 0
+        total = _OUT + len(result)
+        if total > chain.writable_len:
+            log.warning("reply does not fit the guest buffer", opcode=opcode, size=total,
+                        capacity=chain.writable_len)
+            err = errno.EIO
+            return _reply_error(writable[0], unique, errno.EIO)
+        out = writable[0]
+        if result:
+            if len(out) >= total:
+                out[_OUT:total] = result
+            else:
+                _scatter(writable, _OUT, result)
+        _out_header.pack_into(out, 0, total, 0, unique)
+        return total
+    finally:
+        observer = server.observer
+        if observer is not None:
+            observer(opcode, unique, nodeid, err, perf_counter_ns() - t0)
+
+
+def _reply_error(out: memoryview, unique: int, err: int) -> int:
+    _out_header.pack_into(out, 0, _OUT, -err, unique)
+    return _OUT

@@ -67,7 +67,7 @@ class ExtendedOps:
         ):
             table[op] = fn
         # SETXATTR carries a value of up to XATTR_SIZE_MAX after the name.
-        self._max_body = max(self._max_body, abi.fuse_setxattr_in.size + XATTR_NAME_MAX + 1
+        self.max_body = max(self.max_body, abi.fuse_setxattr_in.size + XATTR_NAME_MAX + 1
                              + XATTR_SIZE_MAX)
 
     # --- request extensions ------------------------------------------------------------

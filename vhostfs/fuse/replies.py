@@ -1,6 +1,8 @@
 """Packing of FUSE replies (no I/O): fs values -> wire bytes."""
 from __future__ import annotations
 
+import errno
+
 from vhostfs.fs.api import Attr, Entry, StatFs, StatxAttr
 from vhostfs.fuse import abi
 
@@ -10,6 +12,16 @@ _dirent = abi.fuse_dirent
 _direntplus = abi.fuse_direntplus
 
 _ZERO_ATTR = (0,) * 16
+
+
+def errno_of(exc: OSError) -> int:
+    """The errno a failed request's reply carries (negated in fuse_out_header.error).
+
+    The one place an OSError becomes a reply's errno: a value outside 1..4095 (a
+    handler bug) becomes EIO, and EMFILE (our own fd budget, not the guest process's)
+    becomes ENFILE."""
+    err = exc.errno if isinstance(exc.errno, int) and 0 < exc.errno < 4096 else errno.EIO
+    return errno.ENFILE if err == errno.EMFILE else err
 
 
 def split_timeout(seconds: float) -> tuple[int, int]:

@@ -93,7 +93,7 @@ class FuseServer(ExtendedOps):
         # (errno 0 = success); the daemon plugs vhostfs.metrics in here.
         self.observer: Callable[[int, int, int, int, int], None] | None = None
         # Largest non-WRITE body: two names (RENAME) or a name and a symlink target.
-        self._max_body = 256 + NAME_MAX + PATH_MAX + 2
+        self.max_body = 256 + NAME_MAX + PATH_MAX + 2
         table: list[Callable | None] = [None] * (abi.MAX_OPCODE + 1)
         O = abi.Opcode
         for op, fn in (
@@ -112,7 +112,7 @@ class FuseServer(ExtendedOps):
         ):
             table[op] = fn
         self._register_extended(table)
-        self._table = table
+        self.handlers = table
 
     # --- entry point ---------------------------------------------------------------------
     def serve_fast(self, chain) -> int | None:
@@ -179,13 +179,13 @@ class FuseServer(ExtendedOps):
                         raise OSError(errno.EIO, "request before INIT")
                 elif opcode == abi.Opcode.INIT:
                     raise OSError(errno.EPROTO, "second INIT")
-                handler = self._table[opcode] if opcode <= abi.MAX_OPCODE else None
+                handler = self.handlers[opcode] if opcode <= abi.MAX_OPCODE else None
                 if handler is None:
                     raise OSError(errno.ENOSYS, "opcode not implemented")
                 if opcode == abi.Opcode.WRITE:
                     body = reader.read(min(length - _HDR, abi.fuse_write_in.size))
                 else:
-                    if length - _HDR > self._max_body:
+                    if length - _HDR > self.max_body:
                         raise _einval("request body too large")
                     body = reader.read(length - _HDR)
                 groups = secctx = ()
@@ -195,9 +195,7 @@ class FuseServer(ExtendedOps):
                                          secctx=secctx), nodeid, body, reader, writer)
                 err = 0
             except OSError as e:
-                err = e.errno if isinstance(e.errno, int) and 0 < e.errno < 4096 else errno.EIO
-                if err == errno.EMFILE:  # our fd budget, not the guest process's
-                    err = errno.ENFILE
+                err = replies.errno_of(e)
                 if no_reply:
                     return 0
                 return self._reply_error(writer, unique, err)
