@@ -166,7 +166,7 @@ S, F, P, L, X, M, C, I = SECTIONS  # noqa: E741 - short section names for the ta
       help="Same as --translate-uid, for GIDs.")
 # -- performance ---------------------------------------------------------------------------
 @_opt("--thread-pool-size", section=P, type=int, default=4, show_default=True,
-      help="Worker threads per request queue, for bulk (UNLINK, READDIRPLUS...) and "
+      help="Worker threads per request queue, for bulk (SETATTR, FALLOCATE, READDIR...) and "
            "large (> 128 KiB) requests; quick ones are served on the queue's own thread "
            "(0 = everything there).")
 # -- logging -------------------------------------------------------------------------------

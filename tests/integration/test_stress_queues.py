@@ -3,11 +3,11 @@ INTERRUPT) never waits behind request-queue work, and each request queue of a
 multiqueue device has its own thread and pool, so a saturated queue does not hold up
 another one.
 
-The request-queue work is made slow on purpose and deterministically: UNLINK of the
-"gated*" files blocks in the filesystem until the test opens a gate.  UNLINK is a bulk
-request (fuse/blocking.py), served on the queue's pool, so the gated ones occupy the pool
-and the rest wait in it; quick requests would be served inline on the queue thread.
-Every wait is bounded.
+The request-queue work is made slow on purpose and deterministically: READDIR of the
+"gated" directory blocks in the filesystem until the test opens a gate.  READDIR is a
+bulk request (fuse/blocking.py), served on the queue's pool, so the gated ones occupy
+the pool and the rest wait in it; quick requests would be served inline on the queue
+thread.  Every wait is bounded.
 """
 from __future__ import annotations
 
@@ -24,42 +24,42 @@ from vhostfs.fuse import abi
 from vhostfs.vhost_user import messages as vm
 
 POOL = 2
-GATED = POOL + 4
+GATED = POOL + 4      # READDIRs submitted: POOL serving, 4 waiting
 
 
 class Gate:
-    """Wraps fs.unlink: UNLINK of a name starting with ``gated`` waits until ``opened``."""
+    """Wraps fs.readdir: READDIR of the directory ``nodeid`` waits until ``opened``."""
 
     def __init__(self, fs) -> None:
-        self.fs_unlink = fs.unlink
+        self.fs_readdir = fs.readdir
+        self.nodeid = None
         self.opened = threading.Event()
         self.lock = threading.Lock()
         self.waiting = 0
         self.all_waiting = threading.Event()
         self.expect = 0
 
-    def unlink(self, ctx, parent, name):
-        if name.startswith(b"gated"):
+    def readdir(self, ctx, nodeid, fh, offset, buf):
+        if nodeid == self.nodeid:
             with self.lock:
                 self.waiting += 1
                 if self.waiting >= self.expect:
                     self.all_waiting.set()
             assert self.opened.wait(BOUND), "gate never opened"
-        return self.fs_unlink(ctx, parent, name)
+        return self.fs_readdir(ctx, nodeid, fh, offset, buf)
 
 
 @pytest.fixture
 def device(tmp_path):
     share = tmp_path / "share"
     share.mkdir()
-    for i in range(GATED):
-        (share / f"gated{i}").write_bytes(b"s")
+    (share / "gated").mkdir()
     for i in range(8):
         (share / f"f{i}").write_bytes(b"x")
     sock = str(tmp_path / "q.sock")
     backend = Backend(share, sock, None, pool=POOL, queues=4)
     gate = Gate(backend.daemon.fs)
-    backend.daemon.fs.unlink = gate.unlink
+    backend.daemon.fs.readdir = gate.readdir
     fe = Frontend.connect(sock)
     fe.init(5)
     mem = FakeGuestMemory([(0, 32 << 20)])
@@ -88,9 +88,14 @@ def ok(r: fc.Reply) -> fc.Reply:
 
 
 def saturate(gate: Gate, ch: fc.RingChannel) -> list[int]:
-    """UNLINKs of the GATED gated files: POOL of them occupy the pool, the rest queue."""
+    """GATED READDIRs of the gated directory (each on a handle of its own): POOL of them
+    occupy the pool, the rest queue."""
+    gate.nodeid = fc.decode_entry(ok(ch.call(fc.encode_lookup(abi.ROOT_ID, "gated"),
+                                             timeout=BOUND)).body).nodeid
+    fhs = [fc.decode_open(ok(ch.call(fc.encode_opendir(gate.nodeid), timeout=BOUND)).body)[0]
+           for _ in range(GATED)]
     gate.expect = POOL
-    us = [ch.submit(fc.encode_unlink(abi.ROOT_ID, f"gated{i}")) for i in range(GATED)]
+    us = [ch.submit(fc.encode_readdir(gate.nodeid, fh, 0)) for fh in fhs]
     assert gate.all_waiting.wait(BOUND), "the pool never filled up"
     return us
 
@@ -100,8 +105,8 @@ def test_hiprio_is_not_behind_request_queue_work(device):
     ok(ch[1].call(fc.encode_init(), timeout=BOUND))
     ids = [fc.decode_entry(ok(ch[1].call(fc.encode_lookup(abi.ROOT_ID, f"f{i}"), timeout=BOUND)).body).nodeid
            for i in range(8)]
-    inodes_before = len(backend.daemon.fs.inodes)
     us = saturate(gate, ch[1])
+    inodes_before = len(backend.daemon.fs.inodes)
     # FORGET and BATCH_FORGET on hiprio complete while every request-queue worker is busy
     ch[0].call(fc.encode_forget(ids[0], 1), timeout=BOUND)
     ch[0].call(fc.encode_batch_forget([(n, 1) for n in ids[1:]]), timeout=BOUND)

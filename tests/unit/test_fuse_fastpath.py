@@ -248,7 +248,8 @@ def test_fifo_node_type_is_what_declines(world):
 # --- serve_small: SMALL_OPS -----------------------------------------------------------------
 READ_ONLY = [O.LOOKUP, O.GETATTR, O.READLINK, O.ACCESS, O.STATFS, O.STATX, O.GETXATTR,
              O.LISTXATTR, O.GETLK, O.LSEEK]
-MUTATING = [O.OPEN, O.OPENDIR, O.CREATE, O.MKDIR, O.MKNOD, O.SYMLINK, O.LINK]
+MUTATING = [O.OPEN, O.OPENDIR, O.CREATE, O.MKDIR, O.MKNOD, O.SYMLINK, O.LINK, O.UNLINK,
+            O.RMDIR, O.RENAME, O.RENAME2, O.FLUSH, O.RELEASE, O.RELEASEDIR]
 
 
 def test_small_ops_are_the_fast_path_s():
@@ -272,6 +273,13 @@ def small_request(w, opcode, nodeid_pick, body_pick, raw):
         O.MKDIR: [abi.fuse_mkdir_in.pack(0o755, 0o022) + b"d\0"],
         O.SYMLINK: [b"s\0target\0"],
         O.LINK: [abi.fuse_link_in.pack(w.f) + b"l\0"],
+        O.UNLINK: [b"g\0", b"missing\0"],
+        O.RMDIR: [b"g\0", b"missing\0"],
+        O.RENAME: [abi.fuse_rename_in.pack(1) + b"g\0h\0"],
+        O.RENAME2: [abi.fuse_rename2_in.pack(1, 1, 0) + b"g\0f\0"],         # NOREPLACE
+        O.FLUSH: [abi.fuse_flush_in.pack(w.gh, 0, 0, 0)],
+        O.RELEASE: [abi.fuse_release_in.pack(w.gh, 0, 0, 0), abi.fuse_release_in.pack(77, 0, 0, 0)],
+        O.RELEASEDIR: [abi.fuse_release_in.pack(w.gh, 0, 0, 0)],
     }.get(opcode, [b""])
     body = raw if raw is not None else bodies[body_pick % len(bodies)]
     return request(opcode, nodeid, body)

@@ -293,11 +293,11 @@ class TypedFs:
 
 @pytest.mark.parametrize("opcode,nodeid,route", [
     ("SETLKW", 7, "wait"), ("FSYNC", 7, "wait"), ("FSYNCDIR", 1, "wait"), ("SYNCFS", 1, "wait"),
-    ("SETLK", 7, "quick"), ("GETLK", 7, "quick"), ("FLUSH", 7, "bulk"), ("RELEASE", 5, "bulk"),
+    ("SETLK", 7, "quick"), ("GETLK", 7, "quick"), ("FLUSH", 7, "quick"), ("RELEASE", 5, "quick"),
     ("OPEN", 5, "wait"), ("READ", 5, "wait"), ("WRITE", 6, "wait"), ("OPEN", 6, "wait"),
     ("OPEN", 7, "quick"), ("READ", 7, "quick"), ("WRITE", 7, "quick"), ("READ", 8, "quick"),
     ("GETATTR", 5, "quick"), ("LOOKUP", 1, "quick"), ("INTERRUPT", 0, "quick"),
-    ("FORGET", 5, "quick"), ("UNLINK", 1, "bulk"), ("RENAME2", 1, "bulk"),
+    ("FORGET", 5, "quick"), ("UNLINK", 1, "quick"), ("RENAME2", 1, "quick"),
     ("READDIRPLUS", 1, "bulk"), ("FALLOCATE", 7, "bulk"), ("SETATTR", 7, "bulk"),
 ])
 def test_may_block_classification(opcode, nodeid, route):

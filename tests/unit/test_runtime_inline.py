@@ -70,7 +70,7 @@ def test_quick_requests_are_served_inline_with_others_waiting(fds):
 
 
 def test_bulk_requests_go_to_the_pool_and_do_not_hold_up_quick_ones(fds):
-    """A bulk request (UNLINK, READDIRPLUS...) is served on the pool: a slow one does not
+    """A bulk request (SETATTR, READDIRPLUS...) is served on the pool: a slow one does not
     delay the quick requests popped after it."""
     kick_fd, call_fd = fds
     release = threading.Event()

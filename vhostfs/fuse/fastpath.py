@@ -15,8 +15,8 @@ paths serve the common requests with the same checks and a fraction of the Pytho
   the request is exactly header + ``fuse_write_in`` + ``size`` bytes, which go straight
   from the device-readable buffers to the file with pwritev.
 * ``serve_small``: the quick requests whose handler takes the request body as bytes and
-  returns the reply body as bytes (``SMALL_OPS``: LOOKUP, GETATTR, OPEN, CREATE, STATFS
-  ...), with the header in the first device-readable buffer and the reply header in
+  returns the reply body as bytes (``SMALL_OPS``: LOOKUP, GETATTR, OPEN, CREATE, UNLINK,
+  RELEASE, STATFS...), with the header in the first device-readable buffer and the reply header in
   the first device-writable buffer.  Once the handler ran, the request is answered
   here, errors included, exactly as ``handle`` answers it (``replies.errno_of``).
 
@@ -69,7 +69,8 @@ _O = abi.Opcode
 SMALL_OPS = frozenset((_O.LOOKUP, _O.GETATTR, _O.OPEN, _O.OPENDIR, _O.CREATE, _O.MKDIR,
                        _O.MKNOD, _O.SYMLINK, _O.LINK, _O.READLINK, _O.ACCESS, _O.STATFS,
                        _O.STATX, _O.GETXATTR, _O.LISTXATTR, _O.GETLK, _O.LSEEK, _O.FORGET,
-                       _O.BATCH_FORGET))
+                       _O.BATCH_FORGET, _O.UNLINK, _O.RMDIR, _O.RENAME, _O.RENAME2,
+                       _O.FLUSH, _O.RELEASE, _O.RELEASEDIR))
 #: No reply at all (as FuseServer.handle's list).
 _NO_REPLY = frozenset((_O.FORGET, _O.BATCH_FORGET))
 

@@ -127,7 +127,7 @@ class FuseServer(ExtendedOps):
 
         * the ``unique`` a FUSE_INTERRUPT for it would name, if it may wait indefinitely
           (SETLKW, FIFO I/O, fsync): a dedicated thread with a cancel token;
-        * ``blocking.BULK`` if it is bounded but its host work can be long (UNLINK,
+        * ``blocking.BULK`` if it is bounded but its host work can be long (SETATTR,
           READDIRPLUS, FALLOCATE...): the worker pool;
         * None if it is quick: the runtime may serve it inline on its queue thread.
 

@@ -7,8 +7,8 @@ chain and routes it:
   ``fuse/blocking.py``) gets a dedicated thread of its own and a cancel token
   registered under that key, so a waiter never occupies a pool thread that the request
   releasing it needs (N+2 SETLKW waiters with a pool of N still let the unlock through);
-* a request the server marks ``BULK`` (bounded, but its host work can be long: UNLINK,
-  READDIRPLUS, FALLOCATE...), and any chain carrying more than ``INLINE_MAX_BYTES`` (a
+* a request the server marks ``BULK`` (bounded, but its host work grows with the data or
+  the directory: SETATTR, FALLOCATE, READDIRPLUS...), and any chain carrying more than ``INLINE_MAX_BYTES`` (a
   1 MiB READ/WRITE: its copy releases the GIL, so the pool runs several in parallel),
   goes to the queue's worker pool;
 * every other request (quick: a syscall or two) is served inline on the queue thread,
