@@ -319,3 +319,15 @@ def test_forget_has_no_reply(world):
     c = chain(request(O.FORGET, nodeid, abi.fuse_forget_in.pack(1)), [40], [])
     c.writable, c.writable_len = [], 0
     assert w.server.serve_fast(c) == 0
+
+
+def test_more_buffers_than_iov_max_take_the_general_path(world):
+    """preadv refuses more than IOV_MAX vectors (EINVAL, nothing read): the general path,
+    which batches them, serves such a chain."""
+    from vhostfs.virtqueue.iov import IOV_MAX
+    wsizes = [16] + [1] * (IOV_MAX + 76)
+    c = chain(world.read_req(0, 4096), [40, 40], wsizes)
+    assert world.server.serve_fast(c) is None
+    g = chain(world.read_req(0, 4096), [40, 40], wsizes)
+    assert general(world.server, g) == 16 + IOV_MAX + 76
+    assert out_bytes(g)[16:] == CONTENT[:IOV_MAX + 76]

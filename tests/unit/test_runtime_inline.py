@@ -196,16 +196,16 @@ def test_lone_inline_completion_is_notified_at_once(fds):
 
 
 def test_fast_path_serves_inline_and_falls_back_to_the_handler(fds):
-    """``fast(chain)`` is tried first for chains that may be served inline: an int is the
-    reply length (the handler is not called), None or an exception hands the chain to
-    the general path; never while a dirty log is active or for a large chain."""
+    """``fast(chain)`` is tried first, inline for small chains and on a pool thread for
+    large ones: an int is the reply length (the handler is not called), None or an
+    exception hands the chain to the general path; never while a dirty log is active."""
     from vhostfs.virtqueue import iov
     kick_fd, call_fd = fds
     q, rec = FakeQueue(), Recorder()
     tried = []
 
     def fast(chain):
-        tried.append(chain.head)
+        tried.append((chain.head, threading.current_thread().name))
         if chain.head == 2:
             raise RuntimeError("fast path bug")
         return 9 if chain.head == 1 else None
@@ -218,9 +218,10 @@ def test_fast_path_serves_inline_and_falls_back_to_the_handler(fds):
         q.push(c)
     runner.start()
     wait_for(lambda: len(q.used) == 4)
-    assert tried == [1, 2, 3]
+    assert sorted(tried) == [(1, "vq1"), (2, "vq1"), (3, "vq1"), (4, tried_on(tried, 4))]
+    assert tried_on(tried, 4).startswith("vq1-worker")
     assert dict(q.used) == {1: 9, 2: 1, 3: 1, 4: 1}
-    assert sorted(rec.threads) == [2, 3, 4]
+    assert sorted(rec.threads) == [2, 3, 4] and rec.threads[4].startswith("vq1-worker")
     iov.set_dirty_log(object())
     try:
         with runner.lock:
@@ -230,4 +231,8 @@ def test_fast_path_serves_inline_and_falls_back_to_the_handler(fds):
     finally:
         iov.set_dirty_log(None)
     runner.stop()
-    assert tried == [1, 2, 3] and 5 in rec.threads
+    assert len(tried) == 4 and 5 in rec.threads
+
+
+def tried_on(tried, head):
+    return next(name for h, name in tried if h == head)

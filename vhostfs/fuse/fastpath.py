@@ -75,8 +75,11 @@ SMALL_OPS = frozenset((_O.LOOKUP, _O.GETATTR, _O.OPEN, _O.OPENDIR, _O.CREATE, _O
 _NO_REPLY = frozenset((_O.FORGET, _O.BATCH_FORGET))
 
 
-def _iovecs(first: memoryview, rest, count: int) -> list:
-    """Views covering the first ``count`` bytes of ``first`` followed by ``rest``."""
+def _iovecs(first: memoryview, rest, count: int, total: int) -> list:
+    """Views covering the first ``count`` bytes of ``first`` followed by ``rest``
+    (``total`` bytes together)."""
+    if count >= total:          # all of them: the usual case, Linux sizes them to fit
+        return [first, *rest] if len(first) else list(rest)
     iovs = [first[:count]] if len(first) else []
     need = count - len(first)
     for v in rest:
@@ -117,21 +120,24 @@ def _transfer(op, fd: int, iovs: list, count: int, offset: int) -> int:
 
 
 class _Sink:
-    """``ReadSink`` over the device-writable views after the out header."""
+    """``ReadSink`` over the device-writable views after the out header (``total``
+    bytes)."""
 
-    __slots__ = ("first", "rest")
+    __slots__ = ("first", "rest", "total")
 
-    def __init__(self, first: memoryview, rest) -> None:
-        self.first, self.rest = first, rest
+    def __init__(self, first: memoryview, rest, total: int) -> None:
+        self.first, self.rest, self.total = first, rest, total
 
     def read_from_fd(self, fd: int, count: int, offset: int) -> int:
         if count <= 0:
             return 0
-        return _transfer(os.preadv, fd, _iovecs(self.first, self.rest, count), count, offset)
+        iovs = _iovecs(self.first, self.rest, count, self.total)
+        return _transfer(os.preadv, fd, iovs, count, offset)
 
 
 class _Source:
-    """``WriteSource`` over the device-readable views after the WRITE arguments."""
+    """``WriteSource`` over the device-readable views after the WRITE arguments
+    (exactly ``remaining`` bytes)."""
 
     __slots__ = ("first", "rest", "remaining")
 
@@ -141,7 +147,8 @@ class _Source:
     def write_to_fd(self, fd: int, count: int, offset: int) -> int:
         if count <= 0:
             return 0
-        return _transfer(os.pwritev, fd, _iovecs(self.first, self.rest, count), count, offset)
+        iovs = _iovecs(self.first, self.rest, count, self.remaining)
+        return _transfer(os.pwritev, fd, iovs, count, offset)
 
 
 def serve(server, chain) -> int | None:
@@ -202,7 +209,8 @@ def serve_io(server, chain, hdr: tuple) -> int | None:
     try:
         if opcode == _READ:
             n = fs.read(Context(uid, gid, pid), nodeid, fh, offset,
-                        min(size, chain.writable_len - _OUT), _Sink(out[_OUT:], writable[1:]))
+                        min(size, chain.writable_len - _OUT),
+                        _Sink(out[_OUT:], writable[1:], chain.writable_len - _OUT))
             total = _OUT + n
         else:
             n = fs.write(Context(uid, gid, pid), nodeid, fh, offset, size,
