@@ -104,19 +104,30 @@ def test_blocking_requests_never_run_inline(fds):
     assert rec.threads[7] == "vq1-blocking" and runner.served_inline == 0
 
 
-def test_large_chains_go_to_the_pool(fds):
+def big_chain(head: int) -> FakeChain:
+    c = FakeChain(head)
+    c.writable = [memoryview(bytearray(rq.INLINE_MAX_BYTES))]
+    return c
+
+
+def test_large_chains_go_to_the_pool_unless_alone(fds):
+    """A large chain goes to the pool when others wait behind it or the pool is busy;
+    alone (depth 1) it is served inline: nobody waits for its copy."""
     kick_fd, call_fd = fds
     q, rec = FakeQueue(), Recorder()
     runner = QueueRunner(1, q, kick_fd, call_fd, rec.handle, 1, may_block=rec.may_block)
+    for c in (big_chain(5), FakeChain(6)):
+        q.push(c)
     runner.start()
-    big = FakeChain(5)
-    big.writable = [memoryview(bytearray(rq.INLINE_MAX_BYTES))]
+    wait_for(lambda: len(q.used) == 2)
     with runner.lock:
-        q.push(big)
+        q.push(big_chain(7))
     kick(kick_fd)
-    wait_for(lambda: len(q.used) == 1)
+    wait_for(lambda: len(q.used) == 3)
     runner.stop()
-    assert rec.threads[5].startswith("vq1-worker")
+    assert rec.threads[5].startswith("vq1-worker")      # chain 6 waited behind it
+    assert rec.threads[6] == "vq1" and rec.threads[7] == "vq1"
+    assert runner._pool_busy == 0
 
 
 def test_requests_arriving_during_an_inline_one_are_all_served(fds):
@@ -214,7 +225,7 @@ def test_fast_path_serves_inline_and_falls_back_to_the_handler(fds):
                          fast=fast)
     big = FakeChain(4)
     big.writable = [memoryview(bytearray(rq.INLINE_MAX_BYTES))]
-    for c in (FakeChain(1), FakeChain(2), FakeChain(3), big):
+    for c in (big, FakeChain(1), FakeChain(2), FakeChain(3)):     # big: others behind it
         q.push(c)
     runner.start()
     wait_for(lambda: len(q.used) == 4)
