@@ -254,6 +254,8 @@ def serve_small(server, chain, hdr: tuple) -> int | None:
     if blocking.may_block(opcode, nodeid, getattr(server.fs, "node_type", None)):
         return None
     handler = server.handlers[opcode]
+    if handler is None:             # not served by this server: ENOSYS from handle
+        return None
     readable = chain.readable
     if len(readable) == 1:
         body = bytes(readable[0][_HDR:])
