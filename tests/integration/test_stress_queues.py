@@ -5,9 +5,9 @@ another one.
 
 The request-queue work is made slow on purpose and deterministically: READDIR of the
 "gated" directory blocks in the filesystem until the test opens a gate.  READDIR is a
-bulk request (fuse/blocking.py), served on the queue's pool, so the gated ones occupy
-the pool and the rest wait in it; quick requests would be served inline on the queue
-thread.  Every wait is bounded.
+bulk request (fuse/blocking.py), served on the queue's one-thread bulk lane, so a gated
+one occupies it and the rest wait behind it; quick requests would be served inline on
+the queue thread.  Every wait is bounded.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from vhostfs.fuse import abi
 from vhostfs.vhost_user import messages as vm
 
 POOL = 2
-GATED = POOL + 4      # READDIRs submitted: POOL serving, 4 waiting
+GATED = POOL + 4      # READDIRs submitted: one served, the rest waiting
 
 
 class Gate:
@@ -88,13 +88,13 @@ def ok(r: fc.Reply) -> fc.Reply:
 
 
 def saturate(gate: Gate, ch: fc.RingChannel) -> list[int]:
-    """GATED READDIRs of the gated directory (each on a handle of its own): POOL of them
-    occupy the pool, the rest queue."""
+    """GATED READDIRs of the gated directory (each on a handle of its own): one occupies
+    the bulk lane, the rest queue behind it."""
     gate.nodeid = fc.decode_entry(ok(ch.call(fc.encode_lookup(abi.ROOT_ID, "gated"),
                                              timeout=BOUND)).body).nodeid
     fhs = [fc.decode_open(ok(ch.call(fc.encode_opendir(gate.nodeid), timeout=BOUND)).body)[0]
            for _ in range(GATED)]
-    gate.expect = POOL
+    gate.expect = 1
     us = [ch.submit(fc.encode_readdir(gate.nodeid, fh, 0)) for fh in fhs]
     assert gate.all_waiting.wait(BOUND), "the pool never filled up"
     return us

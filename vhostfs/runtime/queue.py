@@ -8,10 +8,12 @@ chain and routes it:
   registered under that key, so a waiter never occupies a pool thread that the request
   releasing it needs (N+2 SETLKW waiters with a pool of N still let the unlock through);
 * a request the server marks ``BULK`` (bounded, but its host work grows with the data or
-  the directory: SETATTR, FALLOCATE, READDIRPLUS...), and a chain carrying more than
-  ``INLINE_MAX_BYTES`` (a 1 MiB READ/WRITE: its copy releases the GIL, so the pool runs
-  several in parallel) goes to the queue's worker pool -- except a large chain that is
-  alone (the pool idle, nothing else in the ring: depth 1), served inline;
+  the directory: SETATTR, FALLOCATE, READDIRPLUS...) goes to the queue's bulk lane, one
+  thread (their work is mostly Python: in parallel they only fight over the GIL);
+* a chain carrying more than ``INLINE_MAX_BYTES`` (a 1 MiB READ/WRITE: its copy releases
+  the GIL, so the pool runs several in parallel) goes to the queue's worker pool --
+  except a large chain that is alone (the pool idle, nothing else in the ring: depth 1),
+  served inline;
 * every other request (quick: a syscall or two) is served inline on the queue thread,
   which then pops the next one.  This saves the pool handoff: two futex wake-ups and
   context switches, 12-21 µs of CPU per request, and GIL hand-overs between the queue
@@ -146,6 +148,11 @@ class QueueRunner:
         self.lock = threading.Lock()
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.pool = WorkerPool(pool_size, f"vq{index}-worker", self._pooled) if pool_size > 0 else None
+        # BULK requests are mostly Python (READDIRPLUS: a lookup per entry), so several of
+        # them in parallel only fight over the GIL: 4 pool threads served READDIRPLUS
+        # at 1,200 µs of CPU per request, one thread at 470 (docs/performance.md §9).
+        # They get one thread of their own, and the pool keeps the large copies.
+        self.lane = WorkerPool(1, f"vq{index}-bulk", self._pooled) if pool_size > 0 else None
         self.broken = False
         self.stopping = False
         self._inflight = 0
@@ -260,7 +267,7 @@ class QueueRunner:
                 # A large READ/WRITE: its copy runs on a pool thread, which offers it to
                 # the fast path first (a guest's 1 MiB chain of 257 page buffers: 176 ->
                 # 86 µs of CPU, docs/performance.md §9) and routes it if declined.
-                self._submit((chain, None, None, None))
+                self._submit((chain, None, None, None), self.pool)
                 return
         self._route(chain, small, False)
 
@@ -273,10 +280,10 @@ class QueueRunner:
         with self.lock:
             return not self._available_locked() and not self.broken
 
-    def _submit(self, item) -> None:
+    def _submit(self, item, pool: WorkerPool) -> None:
         with self.lock:
             self._pool_busy += 1
-        self.pool.submit(item)
+        pool.submit(item)
 
     def _try_fast(self, chain, inline: bool) -> bool:
         """Offer ``chain`` to the fast path; True if it was served (and completed)."""
@@ -316,12 +323,14 @@ class QueueRunner:
         elif key is None and small:
             self.served_inline += 1
             self._serve((chain, reader, None, None), True)
+        elif key == BULK:
+            self._submit((chain, reader, None, None), self.lane)
         else:
-            self._submit((chain, reader, None, None))
+            self._submit((chain, reader, None, None), self.pool)
 
     def _pooled(self, item) -> None:
-        """A pool thread's work: a routed request, or (reader None) a large chain to
-        offer to the fast path first."""
+        """A pool or bulk-lane thread's work: a routed request, or (reader None) a large
+        chain to offer to the fast path first."""
         chain, reader = item[0], item[1]
         try:
             if reader is not None:
@@ -500,5 +509,6 @@ class QueueRunner:
                 self._notify_locked()
         if self.pool is not None:
             self.pool.shutdown()
+            self.lane.shutdown()
         os.close(self.stop_fd)
         return self.queue.last_avail_idx
