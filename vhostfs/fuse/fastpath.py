@@ -151,11 +151,40 @@ class _Source:
         return _transfer(os.pwritev, fd, iovs, count, offset)
 
 
+class _SegSink:
+    """``ReadSink`` over a SegmentChain's writable part from byte ``skip``: one C call
+    over the walk's segments, no views (virtqueue/chain.py)."""
+
+    __slots__ = ("io", "skip")
+
+    def __init__(self, io, skip: int) -> None:
+        self.io, self.skip = io, skip
+
+    def read_from_fd(self, fd: int, count: int, offset: int) -> int:
+        return self.io(fd, offset, True, self.skip, count) if count > 0 else 0
+
+
+class _SegSource:
+    """``WriteSource`` over a SegmentChain's readable part from byte ``skip``."""
+
+    __slots__ = ("io", "skip", "remaining")
+
+    def __init__(self, io, skip: int, remaining: int) -> None:
+        self.io, self.skip, self.remaining = io, skip, remaining
+
+    def write_to_fd(self, fd: int, count: int, offset: int) -> int:
+        return self.io(fd, offset, False, self.skip, count) if count > 0 else 0
+
+
 def serve(server, chain) -> int | None:
     """Serve ``chain`` if it is a request this module takes (see the module docstring);
     returns the bytes written into the device-writable buffers (0: no reply), or None
     (nothing answered, nothing done: use the general path)."""
-    readable = chain.readable
+    seg_io = getattr(chain, "segment_io", None)
+    if seg_io is None:
+        readable, writable = chain.readable, chain.writable
+    else:           # a SegmentChain: only the views the headers need
+        readable, writable = chain.head_views(2, 2)
     if not readable or len(readable[0]) < _HDR:
         return None
     hdr = _in_header.unpack_from(readable[0])
@@ -163,27 +192,23 @@ def serve(server, chain) -> int | None:
     if length != chain.readable_len or extlen or not server.initialized:
         return None
     if opcode == _READ or opcode == _WRITE:
-        return serve_io(server, chain, hdr)
+        return serve_io(server, chain, hdr, readable, writable, seg_io)
     if opcode in SMALL_OPS:
         return serve_small(server, chain, hdr)
     return None
 
 
-def serve_io(server, chain, hdr: tuple) -> int | None:
-    """READ or WRITE (``hdr``: the header ``serve`` unpacked and checked)."""
-    readable = chain.readable
-    writable = chain.writable
+def serve_io(server, chain, hdr: tuple, readable, writable, seg_io) -> int | None:
+    """READ or WRITE (``hdr``: the header ``serve`` unpacked and checked; ``readable``
+    and ``writable``: the chain's views, or with ``seg_io`` only its first ones)."""
     avail = chain.readable_len
     if avail < _ARGS_END or not writable or len(writable[0]) < _OUT:
         return None
     r0 = readable[0]
     if len(r0) >= _ARGS_END:                 # header and arguments in one buffer
-        args_view, data_first, data_rest = r0, r0[_ARGS_END:], readable[1:]
-        args_at = _HDR
+        args_view, args_at, data_from = r0, _HDR, 0
     elif len(r0) == _HDR and len(readable) > 1 and len(readable[1]) >= _read_in.size:
-        r1 = readable[1]                     # Linux: header, then the arguments
-        args_view, data_first, data_rest = r1, r1[_read_in.size:], readable[2:]
-        args_at = 0
+        args_view, args_at, data_from = readable[1], 0, 1   # Linux: header, then arguments
     else:
         return None
     length, opcode, unique, nodeid, uid, gid, pid, extlen, _pad = hdr
@@ -202,19 +227,25 @@ def serve_io(server, chain, hdr: tuple) -> int | None:
     fs = server.fs
     if offset > _MAX_OFFSET or blocking.may_block(opcode, nodeid, getattr(fs, "node_type", None)):
         return None
-    if opcode == _WRITE and chain.writable_len < _OUT + _write_out.size:
-        return None
+    if opcode == _WRITE and sum(len(v) for v in writable) < _OUT + _write_out.size:
+        return None     # (with seg_io only the first two views are here: Linux's [16][8])
     out = writable[0]
     t0 = perf_counter_ns()
     try:
         if opcode == _READ:
-            n = fs.read(Context(uid, gid, pid), nodeid, fh, offset,
-                        min(size, chain.writable_len - _OUT),
-                        _Sink(out[_OUT:], writable[1:], chain.writable_len - _OUT))
+            room = chain.writable_len - _OUT
+            sink = (_Sink(out[_OUT:], writable[1:], room) if seg_io is None
+                    else _SegSink(seg_io, _OUT))
+            n = fs.read(Context(uid, gid, pid), nodeid, fh, offset, min(size, room), sink)
             total = _OUT + n
         else:
-            n = fs.write(Context(uid, gid, pid), nodeid, fh, offset, size,
-                         _Source(data_first, data_rest, size), write_flags)
+            if seg_io is not None:
+                source = _SegSource(seg_io, _ARGS_END, size)
+            else:
+                d = readable[data_from]     # the data follows the arguments
+                first = d[_ARGS_END:] if data_from == 0 else d[_read_in.size:]
+                source = _Source(first, readable[data_from + 1:], size)
+            n = fs.write(Context(uid, gid, pid), nodeid, fh, offset, size, source, write_flags)
             total = _OUT + _write_out.size
             _scatter(writable, _OUT, _write_out.pack(n, 0))
     except OSError:

@@ -44,13 +44,16 @@ bytes, lengths and order are the same, only the number of views may be smaller.
 """
 from __future__ import annotations
 
+import os
+
 from vhostfs import hostsys
 from vhostfs.errors import ChainError, GuestMemoryError
 from vhostfs.virtqueue.layout import (
     DESC, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_CHAIN_BYTES, MAX_INDIRECT_DESCRIPTORS,
 )
 
-__all__ = ["BadChain", "ChainWalker", "DescriptorChain", "make_walker", "walk_chain"]
+__all__ = ["BadChain", "ChainWalker", "DescriptorChain", "SegmentChain", "make_walker",
+           "walk_chain"]
 
 _unpack_desc = DESC.unpack_from
 _MAX_INDIRECT_BYTES = MAX_INDIRECT_DESCRIPTORS * 16
@@ -86,6 +89,70 @@ class DescriptorChain:
     def __repr__(self) -> str:
         return (f"DescriptorChain(head={self.head}, readable={self.readable_len}B/"
                 f"{len(self.readable)}, writable={self.writable_len}B/{len(self.writable)})")
+
+
+class SegmentChain(DescriptorChain):
+    """A chain of many segments from the C walk (a Linux guest's 1 MiB request is 257
+    page buffers): its views are built only when ``readable``/``writable`` are first
+    read (~0.2 µs each, ~50 µs for such a chain).  ``head_views`` gives the first few,
+    for the headers, and ``segment_io`` moves file data straight between a part of the
+    chain and a file descriptor over the walk's segment array (``vhs_segs_io``), so a
+    READ or WRITE served that way never builds the rest.
+
+    The chain holds the walker's whole-region views (they keep the mappings alive: a
+    memory-table change cannot unmap what the I/O writes to) and its C region table.
+    """
+
+    __slots__ = ("_segs", "_nr", "_n", "_region_views", "_cregions", "_nregions", "_r", "_w")
+
+    def __init__(self, head, memory, segs: bytes, nr: int, n: int, region_views, cregions,
+                 nregions: int, readable_len: int, writable_len: int) -> None:
+        self.head = head
+        self.memory = memory
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+        self._segs = segs
+        self._nr = nr
+        self._n = n
+        self._region_views = region_views
+        self._cregions = cregions
+        self._nregions = nregions
+        self._r = self._w = None
+
+    def _views(self, start: int, stop: int) -> list[memoryview]:
+        vals = memoryview(self._segs).cast("Q")[3 * start:3 * stop].tolist()
+        it = iter(vals)
+        views = self._region_views
+        return [views[r][o:o + ln] for r, o, ln in zip(it, it, it)]
+
+    @property
+    def readable(self) -> list[memoryview]:
+        if self._r is None:
+            self._r = self._views(0, self._nr)
+        return self._r
+
+    @property
+    def writable(self) -> list[memoryview]:
+        if self._w is None:
+            self._w = self._views(self._nr, self._n)
+        return self._w
+
+    def head_views(self, nr: int, nw: int) -> tuple[list[memoryview], list[memoryview]]:
+        """The first (up to) ``nr`` readable and ``nw`` writable views."""
+        return (self._views(0, min(nr, self._nr)),
+                self._views(self._nr, self._nr + min(nw, self._n - self._nr)))
+
+    def segment_io(self, fd: int, offset: int, to_guest: bool, skip: int, count: int) -> int:
+        """preadv into the writable part (``to_guest``) or pwritev from the readable part,
+        from ``skip`` bytes into it, at most ``count`` bytes, looping on short transfers;
+        the bytes moved.  OSError if nothing moved."""
+        first, n = (self._nr, self._n - self._nr) if to_guest else (0, self._nr)
+        got = _segs_io(fd, offset, self._cregions, self._nregions,
+                       _ffi.from_buffer("uint64_t[]", self._segs), first, n, skip, count,
+                       1 if to_guest else 0)
+        if got < 0:
+            raise OSError(-got, os.strerror(-got))
+        return got
 
 
 # The reasons, shared by both walks so that they cannot drift apart.
@@ -189,6 +256,9 @@ def walk_chain(memory, table, size: int, head: int) -> DescriptorChain:
 _ffi = hostsys.ffi
 _lib = hostsys.lib
 _c_walk = _lib.vhs_walk_chain
+_segs_io = _lib.vhs_segs_io
+#: Chains of more segments than this come back as SegmentChain (views built on demand).
+LAZY_SEGMENTS = 8
 _C_FULL = _lib.VHS_CHAIN_FULL
 #: Segments the helper can return per chain, beyond one per descriptor of a full direct
 #: chain and a full indirect table; a chain that needs more (many descriptors split at
@@ -251,6 +321,10 @@ class ChainWalker:
             r0, o0, l0, r1, o1, l1 = self._segview[:6]
             return DescriptorChain(head, self.memory, [views[r0][o0:o0 + l0]],
                                    [views[r1][o1:o1 + l1]], w.readable_len, w.writable_len)
+        if n > LAZY_SEGMENTS:
+            return SegmentChain(head, self.memory, self._segview[:3 * n].tobytes(), nr, n,
+                                views, self._regions, len(views), w.readable_len,
+                                w.writable_len)
         vals = iter(self._segview[:3 * n].tolist())
         segs = [views[r][o:o + ln] for r, o, ln in zip(vals, vals, vals)]
         return DescriptorChain(head, self.memory, segs[:nr], segs[nr:],
