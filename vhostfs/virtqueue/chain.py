@@ -40,7 +40,11 @@ chain and by the tests, which check that both agree on random and hostile chains
 raise the same BadChain messages (the ``_why_*`` functions below).  The C walk merges
 pieces of adjacent descriptors that are contiguous in one region into one view (a
 Linux guest's 1 MiB request is 256 page descriptors, often physically contiguous): the
-bytes, lengths and order are the same, only the number of views may be smaller.
+bytes, lengths and order are the same, only the number of views may be smaller.  A chain
+of more than ``LAZY_SEGMENTS`` segments comes back as a :class:`SegmentChain`: the same
+chain, whose views are built when first asked for, and whose data the FUSE fast path moves
+with one C call over the walk's segment array (``vhs_segs_io``, which checks every segment
+against its region again) instead of 257 memoryviews.
 """
 from __future__ import annotations
 
