@@ -188,3 +188,15 @@ def test_exit_dump_skips_an_empty_session(captured):
     m.record(O.STATFS, 1, 1, 0, 10)
     m.dump("exit", skip_empty=True)
     assert [e["event"] for e in captured][-2:] == ["fuse op stats", "fuse stats"]
+
+
+def test_record_counts_each_latency_in_bucket_of_s_bucket():
+    m = Metrics()
+    samples = [0, 999, 1000, 1999, 2000, 3999, 4000, 10**6, 10**9, 10**12]
+    for ns in samples:
+        m.record(15, 1, 1, 0, ns)
+    hist = m.snapshot()["READ"]["hist"]
+    want: dict[str, int] = {}
+    for ns in samples:
+        want[bucket_label(bucket_of(ns))] = want.get(bucket_label(bucket_of(ns)), 0) + 1
+    assert hist == want
