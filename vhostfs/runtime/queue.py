@@ -159,7 +159,7 @@ class QueueRunner:
         self.served_inline = 0    # requests served inline on the queue thread (a statistic)
         self._call_owed = False   # a notification was due while call_fd was None
         self._unsignalled = 0     # inline completions used but not yet notification-checked
-        self._pool_busy = 0       # items handed to the pool and not done yet
+        self._pool_busy = 0       # items handed to the pool or the lane and not done yet
         self._dedicated: set[CancelToken] = set()
         self._idle = threading.Condition(self.lock)
         self.thread = threading.Thread(target=self._run, name=f"vq{index}", daemon=True)
@@ -257,7 +257,7 @@ class QueueRunner:
 
     def _dispatch(self, chain) -> None:
         small = chain.readable_len + chain.writable_len <= INLINE_MAX_BYTES
-        if not small and self.pool is not None and self._alone(chain):
+        if not small and self.pool is not None and self._alone():
             small = True   # nothing to pop behind it and an idle pool: skip the handoff
         if self.fast is not None and iov.dirty_log is None:
             if small or self.pool is None:
@@ -271,10 +271,10 @@ class QueueRunner:
                 return
         self._route(chain, small, False)
 
-    def _alone(self, chain) -> bool:
-        """Whether a large chain may be served inline after all: the pool is idle and
-        no other chain waits in the ring, so its copy holds up nobody (at depth 1 the
-        handoff is 12-21 µs of a 1 MiB request's ~200)."""
+    def _alone(self) -> bool:
+        """Whether a large chain may be served inline after all: the pool and the bulk
+        lane are idle and no other chain waits in the ring, so its copy holds up nobody
+        (at depth 1 the handoff is 12-21 µs of a 1 MiB request's ~200)."""
         if self._pool_busy:
             return False
         with self.lock:
