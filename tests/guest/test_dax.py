@@ -25,6 +25,8 @@ import time
 
 import pytest
 
+from tests.support.fetch import fetched
+
 pytestmark = pytest.mark.guest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -114,18 +116,7 @@ def _fnv(data: bytes) -> str:
 
 def _fetch_qemu() -> str:
     """The sid QEMU 11.1 wrapper (fetched on first use); skip or fail with the reason."""
-    script = REPO / "scripts" / "fetch-qemu-sid.sh"
-    try:
-        out = subprocess.run([str(script)], capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        why = f"fetching QEMU 11.1 failed: {exc}"
-    else:
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().splitlines()[-1]
-        why = f"fetching QEMU 11.1 failed ({out.returncode}): {out.stderr.strip()[-800:]}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(why)
-    pytest.skip(why)
+    return fetched(REPO / "scripts" / "fetch-qemu-sid.sh", "QEMU 11.1")
 
 
 @pytest.fixture(scope="module")

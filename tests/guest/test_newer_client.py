@@ -37,6 +37,7 @@ import pytest
 
 from test_conformance import (GUEST_LIMITS, TESTS, USER, _expect, _run_suite, build_layout,
                               check_guest_owners)
+from tests.support.fetch import fetched
 from vhostfs.fuse import abi
 from vhostfs.guestrun import GuestRunner
 from vhostfs.guestrun.runner import unix_socket_listening
@@ -140,17 +141,7 @@ int main(int argc, char **argv) {
 
 def _fetch_kernel() -> pathlib.Path:
     """The extracted backports kernel tree (fetched on first use); skip or fail with the reason."""
-    try:
-        out = subprocess.run([str(FETCH)], capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        why = f"fetching the backports kernel failed: {exc}"
-    else:
-        if out.returncode == 0 and out.stdout.strip():
-            return pathlib.Path(out.stdout.strip().splitlines()[-1])
-        why = f"fetching the backports kernel failed ({out.returncode}): {out.stderr.strip()[-800:]}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(why)
-    pytest.skip(why)
+    return pathlib.Path(fetched(FETCH, "the backports kernel"))
 
 
 def _probe_argv(probe: pathlib.Path, socket: str, share: str, *opts: str) -> list[str]:
