@@ -74,6 +74,9 @@ class Opcode(enum.IntEnum):
 
 
 MAX_OPCODE = 52
+#: Requests the kernel sends without waiting for a reply (fuse.h: FORGET, BATCH_FORGET;
+#: INTERRUPT is answered only by the interrupted request's own reply).
+NO_REPLY = frozenset((Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT))
 
 # fuse_init_in/out flags (flags2 carries bits 32..63 when FUSE_INIT_EXT is set)
 FUSE_ASYNC_READ = 1 << 0

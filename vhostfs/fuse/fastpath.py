@@ -71,8 +71,7 @@ SMALL_OPS = frozenset((_O.LOOKUP, _O.GETATTR, _O.OPEN, _O.OPENDIR, _O.CREATE, _O
                        _O.STATX, _O.GETXATTR, _O.LISTXATTR, _O.GETLK, _O.LSEEK, _O.FORGET,
                        _O.BATCH_FORGET, _O.UNLINK, _O.RMDIR, _O.RENAME, _O.RENAME2,
                        _O.FLUSH, _O.RELEASE, _O.RELEASEDIR))
-#: No reply at all (as FuseServer.handle's list).
-_NO_REPLY = frozenset((_O.FORGET, _O.BATCH_FORGET))
+_NO_REPLY = abi.NO_REPLY
 
 
 def _iovecs(first: memoryview, rest, count: int, total: int) -> list:

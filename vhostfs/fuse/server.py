@@ -39,7 +39,7 @@ WANTED_FLAGS = (
     | abi.FUSE_INIT_EXT
 )
 
-_NO_REPLY = frozenset((abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT))
+_NO_REPLY = abi.NO_REPLY
 
 
 def _einval(what: str) -> OSError:
